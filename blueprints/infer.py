@@ -1,0 +1,40 @@
+from flask import Blueprint, Response, current_app
+from marshmallow import ValidationError
+
+from blueprints.common import json_body, require
+from extensions import db
+from jsonio import dumps
+from schemas.inference import chat_completion
+from services import inference
+
+bp = Blueprint("infer", __name__)
+
+
+@bp.post("/llms/<name>/infer")
+@require("client")
+def infer(name):
+    return run_inference(name, inference_body())
+
+
+def inference_body() -> dict:
+    """The chat-completions body, checked where we know its fields; the
+    original dict (not the loaded one) goes on, so unknown fields pass untouched."""
+    body = json_body()
+    errors = chat_completion.validate(body)
+    if errors:
+        raise ValidationError(errors)
+    return body
+
+
+def run_inference(name: str, body: dict) -> Response:
+    target = inference.resolve(db.session, name)
+    db.session.close()  # hold no pooled connection while the relay waits
+    return to_response(current_app.extensions["relay"].infer(target, body))
+
+
+def to_response(reply: inference.Reply) -> Response:
+    if reply.stream is not None:
+        return Response(reply.stream, status=reply.status, content_type=reply.content_type,
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    body = reply.body if isinstance(reply.body, bytes) else dumps(reply.body)
+    return Response(body, status=reply.status, content_type=reply.content_type)

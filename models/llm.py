@@ -1,0 +1,48 @@
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from extensions import db
+from models.common import LifecycleMixin, created_column, id_column, iso, updated_column
+
+
+class Llm(LifecycleMixin, db.Model):
+    __tablename__ = "llm"
+    __table_args__ = (
+        sa.Index("ix_llm_kind_status", "kind", "status"),
+        sa.Index("ix_llm_provider_session_id", "provider_session_id"),
+    )
+
+    id: Mapped[str] = id_column()
+    name: Mapped[str] = mapped_column(sa.String(100), unique=True)
+    type: Mapped[str] = mapped_column(sa.String(32), default="openai")
+    model: Mapped[str] = mapped_column(sa.String(200))
+    url: Mapped[str] = mapped_column(sa.String(2000), default="")
+    tier: Mapped[str] = mapped_column(sa.String(16), default="fast")
+    description: Mapped[str] = mapped_column(sa.Text, default="")
+    # Write-only: no view, log line or error message may carry it.
+    api_key: Mapped[str | None] = mapped_column(sa.Text)
+    extra_config: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    created_at: Mapped[datetime] = created_column()
+    updated_at: Mapped[datetime] = updated_column()
+
+    def __repr__(self) -> str:  # never the key
+        return f"<Llm {self.name} {self.kind}/{self.status}>"
+
+    def view(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "type": self.type,
+            "model": self.model,
+            "url": self.url,
+            "tier": self.tier,
+            "description": self.description,
+            "extra_config": self.extra_config or {},
+            **self.lifecycle_view(),
+            "has_api_key": bool(self.api_key),
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }

@@ -1,0 +1,1 @@
+"""Marshmallow schemas for every request body, instantiated once per module."""

@@ -1,0 +1,40 @@
+import re
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+NAME_MESSAGE = "must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def Name(**kwargs):
+    return fields.String(validate=validate.Regexp(NAME_PATTERN, error=NAME_MESSAGE), **kwargs)
+
+
+class StrictNumber(fields.Number):
+    """A JSON number, not a numeric string and not a bool."""
+
+    num_type = float
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError("Not a valid number.")
+        return value
+
+
+class StrictInteger(fields.Integer):
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValidationError("Not a valid integer.")
+        return value
+
+
+class StrictBoolean(fields.Boolean):
+    truthy = {True}
+    falsy = {False}
+
+
+class StrictSchema(Schema):
+    """Unknown fields are a 400: CRUD cannot set lifecycle columns."""
+
+    class Meta:
+        unknown = "raise"

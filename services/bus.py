@@ -1,0 +1,135 @@
+"""The task bus: how a client's request reaches a publisher and back.
+
+One small interface, two sides:
+
+- the client side submits a task for a publisher session, then waits for its
+  outcome (`wait_result`) or reads its chunks (`next_chunks`), and always
+  releases it (`release`, or use `open_task` as a context manager);
+- the publisher side long-polls its session (`poll`), posts an outcome
+  (`complete`) or chunks (`push_chunks`), and disconnects (`drop_session`).
+
+Tasks, outcomes and chunks are plain JSON-able data, so a Redis implementation
+can replace the in-memory one behind the same interface. The in-memory bus is
+for a single worker process only (like python-socketio's in-memory manager).
+"""
+import abc
+import contextlib
+import enum
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"        # waiting in the session's queue
+    PICKED = "picked"        # handed to the publisher by a poll
+    DONE = "done"            # outcome posted, or stream ended
+    FAILED = "failed"        # the bus failed it (publisher disconnected)
+    CANCELLED = "cancelled"  # the client went away
+    EXPIRED = "expired"      # not picked up, or not finished, in time
+
+
+# The allowed moves; anything else is a no-op (e.g. a late outcome).
+TRANSITIONS = {
+    TaskState.QUEUED: {TaskState.PICKED, TaskState.FAILED, TaskState.CANCELLED,
+                       TaskState.EXPIRED, TaskState.DONE},
+    TaskState.PICKED: {TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
+                       TaskState.EXPIRED},
+}
+FINAL = {TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED, TaskState.EXPIRED}
+
+
+class TaskBus(abc.ABC):
+    """See the module docstring. Every wait takes a timeout; nothing waits forever."""
+
+    # -- client side -------------------------------------------------------
+
+    @abc.abstractmethod
+    def submit(self, session_id: str, task: dict, *, llm: str, limit: int,
+               pickup_timeout: float, timeout: float, share_key: str | None = None) -> str:
+        """Queue `task` (a dict with `kind`, no `task_id`) for the session and
+        return its task id. With `share_key`, a task with the same key still in
+        flight is joined instead (its waiters share one outcome). `limit` caps
+        the requests waiting on `llm`: past it, TooManyRequests. The task
+        expires unless picked up within `pickup_timeout` and finished within
+        `timeout` of pickup."""
+
+    @abc.abstractmethod
+    def wait_result(self, task_id: str, poll_interval: float | None = None) -> dict | None:
+        """Block until the task's outcome: `{status, body}` or `{error}` as the
+        publisher posted it. Returns None when `poll_interval` passes first (so
+        a streaming caller can send a keep-alive). Raises GatewayTimeout when
+        the task expired, Unavailable when the publisher disconnected."""
+
+    @abc.abstractmethod
+    def next_chunks(self, task_id: str, idle_timeout: float,
+                    poll_interval: float) -> tuple[list[str], bool, dict | None]:
+        """Wait up to `poll_interval` for stream data. Returns (chunks, done,
+        outcome): new chunk payloads in order, whether the stream ended, and an
+        outcome when the publisher answered with a result instead of chunks.
+        Raises GatewayTimeout when nothing arrived for `idle_timeout` (or the
+        task was never picked up), Unavailable when the publisher disconnected."""
+
+    @abc.abstractmethod
+    def release(self, task_id: str) -> None:
+        """The caller is done with the task. The last waiter to release an
+        unfinished task cancels it: the publisher's next poll carries a
+        `cancel` task and its next post for it gets 410."""
+
+    @contextlib.contextmanager
+    def open_task(self, session_id: str, task: dict, **kwargs):
+        """`submit`, then `release` however the block ends."""
+        task_id = self.submit(session_id, task, **kwargs)
+        try:
+            yield task_id
+        finally:
+            self.release(task_id)
+
+    # -- publisher side ----------------------------------------------------
+
+    @abc.abstractmethod
+    def poll(self, session_id: str, wait: float) -> list[dict]:
+        """Hand over the session's queued tasks, waiting up to `wait` seconds
+        for the first one. Marks the session live while held."""
+
+    @abc.abstractmethod
+    def task_info(self, task_id: str) -> dict:
+        """`{task_id, session_id, kind, llm}` of a task a publisher may answer.
+        Raises NotFound (unknown), Conflict (already completed), Gone
+        (cancelled or expired)."""
+
+    @abc.abstractmethod
+    def complete(self, task_id: str, outcome: dict) -> None:
+        """Post the outcome (`{status, body}` or `{error}`). Raises like
+        `task_info`."""
+
+    @abc.abstractmethod
+    def push_chunks(self, task_id: str, chunks: list[str], seq: int | None,
+                    done: bool) -> None:
+        """Append stream chunks. With `seq` (index of the first chunk in the
+        stream), chunks already received are dropped. A `[DONE]` payload or
+        `done` ends the stream. Raises like `task_info`, and Conflict when
+        `seq` leaves a gap."""
+
+    @abc.abstractmethod
+    def touch(self, session_id: str) -> None:
+        """Count the session live from now (it has just registered)."""
+
+    @abc.abstractmethod
+    def is_live(self, session_id: str) -> bool:
+        """Whether a poll is held, or ended less than SESSION_LIVENESS ago."""
+
+    @abc.abstractmethod
+    def drop_session(self, session_id: str, reason: str) -> int:
+        """Fail every unfinished task of the session with `reason` and forget
+        it. Returns how many tasks were failed."""
+
+    def stats(self) -> dict:
+        """Sizes of the internal maps (tests check they drain to zero)."""
+        return {}
+
+
+def create_bus(config) -> TaskBus:
+    if config.get("REDIS_URL"):
+        raise RuntimeError("REDIS_URL is set but the Redis task bus is not built yet; "
+                           "unset it to use the in-memory bus (one worker process)")
+    from services.memory_bus import MemoryTaskBus
+
+    return MemoryTaskBus(session_liveness=float(config["SESSION_LIVENESS"]))

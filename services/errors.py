@@ -1,0 +1,60 @@
+"""The errors services raise. One handler (blueprints/errors.py) turns each
+into the OpenAI-shaped envelope with its HTTP status."""
+
+
+class ServiceError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message, *, code=None, details=None, headers=None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        self.details = details or {}
+        self.headers = headers or {}
+
+
+class Invalid(ServiceError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, type, code = 401, "authentication_error", "invalid_token"
+
+
+class Forbidden(ServiceError):
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class NotFound(ServiceError):
+    status, type, code = 404, "not_found_error", "not_found"
+
+
+class Conflict(ServiceError):
+    status, type, code = 409, "conflict_error", "conflict"
+
+
+class Gone(ServiceError):
+    status, type, code = 410, "gone_error", "gone"
+
+
+class TooManyRequests(ServiceError):
+    status, type, code = 429, "rate_limit_error", "too_many_pending"
+
+
+class BadGateway(ServiceError):
+    status, type, code = 502, "upstream_error", "bad_gateway"
+
+
+class Unavailable(ServiceError):
+    status, type, code = 503, "unavailable", "publisher_offline"
+
+
+class GatewayTimeout(ServiceError):
+    status, type, code = 504, "timeout", "timeout"
+
+
+def envelope(message, type_, code, details=None):
+    return {"error": {"message": message, "type": type_, "code": code, "details": details or {}}}

@@ -1,0 +1,59 @@
+"""What an inference call resolves to, and the reply it produces.
+
+`resolve` is the one indexed read an inference makes; everything after it
+works on the plain `Target`, with no database connection held.
+"""
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from models import Llm
+from services.errors import NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    kind: str
+    status: str
+    model: str
+    url: str
+    api_key: str | None
+    session_id: str | None
+
+    def __repr__(self):  # never the key
+        return f"Target({self.name!r}, {self.kind}/{self.status})"
+
+
+@dataclass(slots=True)
+class Reply:
+    """A status and either a body (bytes, or JSON-able) or an SSE byte stream."""
+
+    status: int
+    body: object = None
+    stream: Iterator[bytes] | None = None
+    content_type: str = "application/json"
+
+
+_TARGET_COLUMNS = (Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key,
+                   Llm.provider_session_id)
+
+
+def resolve(session, name: str) -> Target:
+    """The LLM called `name`, as a Target. Raises NotFound."""
+    row = session.execute(sa.select(*_TARGET_COLUMNS).where(Llm.name == name)).first()
+    if row is None:
+        raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
+    return Target(*row)
+
+
+def sse_event(payload: bytes) -> bytes:
+    """One `data:` event; a payload with newlines spans several data lines."""
+    if b"\n" in payload:
+        payload = payload.replace(b"\n", b"\ndata: ")
+    return b"data: " + payload + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keepalive\n\n"

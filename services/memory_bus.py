@@ -1,0 +1,361 @@
+"""The in-memory task bus: a waiter map for one worker process.
+
+Its waits are `threading.Event.wait(timeout)`. Under `gunicorn -k gevent`
+the worker monkey-patches `threading` before the app is imported, so every
+wait is a cooperative gevent wait and thousands can be held at once; under
+the threaded dev server and in tests they are ordinary thread waits.
+
+Ownership: the client side owns each task entry from `submit` to `release`;
+`release` removes it on every path (done, failed, expired, cancelled). The
+publisher side only ever finds entries. A bounded, short-lived tombstone map
+remembers finished ids so that late posts get 409/410 rather than 404.
+"""
+import collections
+import logging
+import threading
+import time
+
+from services.bus import FINAL, TRANSITIONS, TaskBus, TaskState
+from services.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unavailable
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_TTL = 600.0
+TOMBSTONE_MAX = 10_000
+MAX_BUFFERED_CHUNKS = 10_000
+PRUNE_EVERY = 30.0
+DONE_MARKER = "[DONE]"
+
+
+class _Task:
+    __slots__ = ("id", "session_id", "kind", "llm", "payload", "share_key", "state", "outcome",
+                 "error", "chunks", "received", "stream_done", "changed", "waiters",
+                 "pickup_deadline", "timeout", "finish_deadline", "last_activity")
+
+    def __init__(self, task_id, session_id, payload, llm, share_key, pickup_deadline, timeout):
+        self.id = task_id
+        self.session_id = session_id
+        self.kind = payload["kind"]
+        self.llm = llm
+        self.payload = payload
+        self.share_key = share_key
+        self.state = TaskState.QUEUED
+        self.outcome = None
+        self.error = None
+        self.chunks = []
+        self.received = 0
+        self.stream_done = False
+        self.changed = threading.Event()
+        self.waiters = 1
+        self.pickup_deadline = pickup_deadline
+        self.timeout = timeout
+        self.finish_deadline = None
+        self.last_activity = None
+
+    def info(self):
+        return {"task_id": self.id, "session_id": self.session_id, "kind": self.kind,
+                "llm": self.llm}
+
+
+class _Session:
+    __slots__ = ("queue", "wakeup", "polls_held", "last_seen")
+
+    def __init__(self, now):
+        self.queue = collections.deque()  # task ids, and cancel messages (dicts)
+        self.wakeup = threading.Event()
+        self.polls_held = 0
+        self.last_seen = now
+
+
+class MemoryTaskBus(TaskBus):
+    def __init__(self, session_liveness=10.0, clock=time.monotonic):
+        self.session_liveness = session_liveness
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._tasks: dict[str, _Task] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._shared: dict[str, str] = {}
+        self._pending: collections.Counter = collections.Counter()
+        self._tombstones: collections.OrderedDict = collections.OrderedDict()
+        self._last_prune = clock()
+
+    # -- client side -------------------------------------------------------
+
+    def submit(self, session_id, task, *, llm, limit, pickup_timeout, timeout, share_key=None):
+        from models import new_id
+
+        with self._lock:
+            if self._pending[llm] >= limit:
+                raise TooManyRequests(
+                    f"Too many requests waiting on LLM '{llm}' (limit {limit}); retry shortly",
+                    headers={"Retry-After": "1"})
+            shared = self._tasks.get(self._shared.get(share_key)) if share_key else None
+            if shared is not None and shared.state not in FINAL:
+                shared.waiters += 1
+                self._pending[llm] += 1
+                return shared.id
+            now = self.clock()
+            task_id = new_id()
+            t = _Task(task_id, session_id, {"task_id": task_id, **task}, llm, share_key,
+                      now + pickup_timeout, timeout)
+            self._tasks[task_id] = t
+            if share_key:
+                self._shared[share_key] = task_id
+            self._pending[llm] += 1
+            session = self._session(session_id, now)
+            session.queue.append(task_id)
+            session.wakeup.set()
+            return task_id
+
+    def wait_result(self, task_id, poll_interval=None):
+        t = self._tasks[task_id]
+        end = None if poll_interval is None else self.clock() + poll_interval
+        while True:
+            with self._lock:
+                now = self.clock()
+                self._expire_if_due(t, now)
+                if t.state == TaskState.DONE:
+                    return t.outcome
+                if t.state in FINAL:
+                    raise t.error
+                t.changed.clear()
+                wake_at = self._deadline(t)
+            if end is not None:
+                if now >= end:
+                    return None
+                wake_at = min(wake_at, end)
+            t.changed.wait(max(0.0, wake_at - now))
+
+    def next_chunks(self, task_id, idle_timeout, poll_interval):
+        t = self._tasks[task_id]
+        end = self.clock() + poll_interval
+        while True:
+            with self._lock:
+                now = self.clock()
+                self._expire_if_due(t, now)
+                if t.state == TaskState.PICKED and now - t.last_activity >= idle_timeout:
+                    self._finish(t, TaskState.EXPIRED, GatewayTimeout(
+                        f"No stream data from the publisher of LLM '{t.llm}' for "
+                        f"{idle_timeout:g} s", code="stream_idle_timeout"))
+                if t.chunks or t.stream_done:
+                    chunks, t.chunks = t.chunks, []
+                    return chunks, t.stream_done, None
+                if t.state == TaskState.DONE:
+                    return [], True, t.outcome
+                if t.state in FINAL:
+                    raise t.error
+                t.changed.clear()
+                wake_at = min(end, self._deadline(t))
+                if t.state == TaskState.PICKED:
+                    wake_at = min(wake_at, t.last_activity + idle_timeout)
+            if now >= end:
+                return [], False, None
+            t.changed.wait(max(0.0, wake_at - now))
+
+    def release(self, task_id):
+        with self._lock:
+            t = self._tasks.get(task_id)
+            if t is None:
+                return
+            t.waiters -= 1
+            self._pending[t.llm] -= 1
+            if self._pending[t.llm] <= 0:
+                del self._pending[t.llm]
+            if t.waiters > 0:
+                return
+            del self._tasks[task_id]
+            if t.share_key and self._shared.get(t.share_key) == task_id:
+                del self._shared[t.share_key]
+            if t.state not in FINAL:
+                self._finish(t, TaskState.CANCELLED, Gone("The client went away"))
+            self._tombstone(t)
+
+    # -- publisher side ----------------------------------------------------
+
+    def poll(self, session_id, wait):
+        with self._lock:
+            session = self._session(session_id, self.clock())
+            session.polls_held += 1
+        deadline = self.clock() + wait
+        try:
+            while True:
+                with self._lock:
+                    now = self.clock()
+                    handed = self._hand_over(session, now) if session.queue else None
+                    if handed:
+                        return handed
+                    session.wakeup.clear()
+                    self._maybe_prune(now)
+                if now >= deadline:
+                    return []
+                session.wakeup.wait(deadline - now)
+        finally:
+            with self._lock:
+                session.polls_held -= 1
+                session.last_seen = self.clock()
+
+    def task_info(self, task_id):
+        with self._lock:
+            return self._find_open(task_id).info()
+
+    def complete(self, task_id, outcome):
+        with self._lock:
+            t = self._find_open(task_id)
+            t.outcome = outcome
+            self._finish(t, TaskState.DONE, None)
+
+    def push_chunks(self, task_id, chunks, seq, done):
+        with self._lock:
+            t = self._tasks.get(task_id)
+            if t is not None and seq is not None and seq + len(chunks) <= t.received:
+                return  # a retried batch we already have, even if the stream ended since
+            t = self._find_open(task_id)
+            start = t.received if seq is None else seq
+            if start > t.received:
+                raise Conflict(f"Chunk seq {seq} leaves a gap: expected {t.received}",
+                               code="seq_gap", details={"expected_seq": t.received})
+            if len(t.chunks) + len(chunks) > MAX_BUFFERED_CHUNKS:
+                raise TooManyRequests("The client is not reading the stream fast enough",
+                                      headers={"Retry-After": "1"})
+            for data in chunks[t.received - start:]:
+                t.received += 1
+                if data.strip() == DONE_MARKER:
+                    t.stream_done = True
+                    break
+                t.chunks.append(data)
+            if done:
+                t.stream_done = True
+            if t.state == TaskState.QUEUED:  # answered without a poll: count it picked
+                self._pick(t, self.clock())
+            t.last_activity = self.clock()
+            if t.stream_done:
+                self._finish(t, TaskState.DONE, None)
+            t.changed.set()
+
+    def touch(self, session_id):
+        with self._lock:
+            self._session(session_id, self.clock())
+
+    def is_live(self, session_id):
+        with self._lock:
+            session = self._sessions.get(session_id)
+            return session is not None and self._live(session, self.clock())
+
+    def drop_session(self, session_id, reason):
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            failed = 0
+            for t in self._tasks.values():
+                if t.session_id == session_id and t.state not in FINAL:
+                    self._finish(t, TaskState.FAILED, Unavailable(
+                        f"LLM '{t.llm}': {reason}", code="publisher_disconnected"))
+                    failed += 1
+            if session is not None:
+                session.wakeup.set()
+            return failed
+
+    def stats(self):
+        with self._lock:
+            return {"tasks": len(self._tasks), "shared": len(self._shared),
+                    "pending": sum(self._pending.values()),
+                    "queued": sum(len(s.queue) for s in self._sessions.values()),
+                    "sessions": len(self._sessions)}
+
+    # -- internals (called with the lock held) -------------------------------
+
+    def _session(self, session_id, now):
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._sessions[session_id] = _Session(now)
+        return session
+
+    def _live(self, session, now):
+        return session.polls_held > 0 or now - session.last_seen < self.session_liveness
+
+    def _hand_over(self, session, now):
+        handed = []
+        while session.queue:
+            item = session.queue.popleft()
+            if isinstance(item, dict):  # a cancel message
+                handed.append(item)
+                continue
+            t = self._tasks.get(item)
+            if t is not None and t.state == TaskState.QUEUED:
+                self._pick(t, now)
+                handed.append(t.payload)
+        return handed
+
+    def _pick(self, t, now):
+        t.state = TaskState.PICKED
+        t.finish_deadline = now + t.timeout
+        t.last_activity = now
+        t.changed.set()  # waiters move from the pickup deadline to the finish deadline
+
+    def _deadline(self, t):
+        return t.pickup_deadline if t.state == TaskState.QUEUED else t.finish_deadline
+
+    def _expire_if_due(self, t, now):
+        if t.state == TaskState.QUEUED and now >= t.pickup_deadline:
+            self._finish(t, TaskState.EXPIRED, GatewayTimeout(
+                f"The publisher of LLM '{t.llm}' did not pick up the task in time",
+                code="pickup_timeout"))
+        elif t.state == TaskState.PICKED and now >= t.finish_deadline:
+            self._finish(t, TaskState.EXPIRED, GatewayTimeout(
+                f"The publisher of LLM '{t.llm}' did not finish the task in time",
+                code="task_timeout"))
+
+    def _finish(self, t, state, error):
+        if state not in TRANSITIONS.get(t.state, ()):
+            return
+        was = t.state
+        t.state = state
+        t.error = error
+        session = self._sessions.get(t.session_id)
+        if session is not None:
+            if was == TaskState.QUEUED:
+                try:
+                    session.queue.remove(t.id)
+                except ValueError:
+                    pass
+            elif was == TaskState.PICKED and state in (TaskState.CANCELLED, TaskState.EXPIRED):
+                session.queue.append({"kind": "cancel", "task_id": t.id})
+                session.wakeup.set()
+        t.changed.set()
+
+    def _find_open(self, task_id):
+        t = self._tasks.get(task_id)
+        state = t.state if t is not None else self._tombstone_state(task_id)
+        if state is None:
+            raise NotFound(f"Task '{task_id}' not found", code="task_not_found")
+        if state == TaskState.DONE:
+            raise Conflict(f"Task '{task_id}' is already completed", code="task_completed")
+        if state in FINAL:
+            raise Gone(f"Task '{task_id}' was {state}; stop working on it", code=f"task_{state}")
+        return t
+
+    def _tombstone(self, t):
+        self._tombstones[t.id] = (t.state, self.clock() + TOMBSTONE_TTL)
+        self._tombstones.move_to_end(t.id)
+        while len(self._tombstones) > TOMBSTONE_MAX:
+            self._tombstones.popitem(last=False)
+
+    def _tombstone_state(self, task_id):
+        entry = self._tombstones.get(task_id)
+        if entry is None or entry[1] < self.clock():
+            return None
+        return entry[0]
+
+    def _maybe_prune(self, now):
+        """Forget sessions that are neither live nor owed anything, and old tombstones."""
+        if now - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = now
+        busy = {t.session_id for t in self._tasks.values()}
+        for sid in [sid for sid, s in self._sessions.items()
+                    if not self._live(s, now) and sid not in busy]:
+            del self._sessions[sid]
+        while self._tombstones:
+            task_id, (_, expires) = next(iter(self._tombstones.items()))
+            if expires >= now:
+                break
+            del self._tombstones[task_id]

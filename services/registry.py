@@ -1,0 +1,76 @@
+"""The registry of LLMs: CRUD for operators. Services flush; views commit."""
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from models import Agent, Kind, Llm, Status
+from services.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+
+def list_llms(session) -> list[Llm]:
+    return list(session.scalars(sa.select(Llm).order_by(Llm.name)))
+
+
+def list_usable_llms(session) -> list[Llm]:
+    """LLMs a client can call now or after a wake: everything but inactive rows."""
+    return list(session.scalars(
+        sa.select(Llm).where(Llm.status != Status.INACTIVE).order_by(Llm.name)))
+
+
+def get_llm(session, name: str) -> Llm:
+    """The LLM called `name`. Raises NotFound."""
+    llm = session.scalar(sa.select(Llm).where(Llm.name == name))
+    if llm is None:
+        raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
+    return llm
+
+
+def create_llm(session, data: dict) -> Llm:
+    """Insert a public LLM. Raises Conflict when the name is taken."""
+    llm = Llm(kind=Kind.PUBLIC, **data)
+    session.add(llm)
+    _flush_or_conflict(session, f"LLM name '{data['name']}' is taken")
+    log.info("created public LLM %s", llm.name)
+    return llm
+
+
+def update_llm(session, name: str, data: dict) -> Llm:
+    """Apply a partial update. With `version`, the row must still be at that
+    version. Raises NotFound, Conflict (version mismatch)."""
+    llm = get_llm(session, name)
+    expected = data.pop("version", None)
+    if expected is not None and expected != llm.version:
+        raise Conflict(f"LLM '{name}' is at version {llm.version}, not {expected}",
+                       code="version_conflict", details={"version": llm.version})
+    for key, value in data.items():
+        setattr(llm, key, value)
+    try:
+        session.flush()
+    except StaleDataError:
+        session.rollback()
+        raise Conflict(f"LLM '{name}' was changed concurrently", code="version_conflict")
+    return llm
+
+
+def delete_llm(session, name: str) -> None:
+    """Delete an LLM. Raises NotFound, Conflict when agents are pinned to it."""
+    llm = get_llm(session, name)
+    pinned = session.scalars(sa.select(Agent.name).where(Agent.llm_id == llm.id)).all()
+    if pinned:
+        raise Conflict(f"LLM '{name}' has agents pinned to it: {', '.join(sorted(pinned))}",
+                       code="llm_in_use", details={"agents": sorted(pinned)})
+    session.delete(llm)
+    _flush_or_conflict(session, f"LLM '{name}' is still referenced")
+    log.info("deleted LLM %s", name)
+
+
+def _flush_or_conflict(session, message):
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(message) from None

@@ -1,0 +1,97 @@
+"""API tokens: create, list, revoke, authenticate. Only hashes are stored."""
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from models import ApiToken, Role, utcnow
+from services.errors import Conflict, NotFound, Unauthorized
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "sb_"
+# last_used_at is informative; writing it on every request would make every
+# read a write, so it is refreshed at most this often.
+LAST_USED_GRANULARITY = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: what views and services need to know of a token."""
+
+    id: str
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == Role.ADMIN
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def create_token(session, name: str, role: str) -> str:
+    """Store a new token and return it; the plaintext exists only in the return value.
+
+    Raises Conflict when the name is taken.
+    """
+    if session.scalar(sa.select(ApiToken.id).where(ApiToken.name == name)):
+        raise Conflict(f"Token name '{name}' is taken", code="name_taken")
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(name=name, role=Role(role), token_hash=hash_token(raw)))
+    session.flush()
+    log.info("created %s token %s", role, name)
+    return raw
+
+
+def list_tokens(session) -> list[ApiToken]:
+    return list(session.scalars(sa.select(ApiToken).order_by(ApiToken.created_at)))
+
+
+def revoke_token(session, name: str, now) -> ApiToken:
+    """Mark the named token revoked. Raises NotFound."""
+    token = session.scalar(sa.select(ApiToken).where(ApiToken.name == name))
+    if token is None:
+        raise NotFound(f"No token named '{name}'")
+    if token.revoked_at is None:
+        token.revoked_at = now
+    log.info("revoked token %s", name)
+    return token
+
+
+def has_active_admin(session) -> bool:
+    return session.scalar(sa.select(sa.func.count()).select_from(ApiToken).where(
+        ApiToken.role == Role.ADMIN, ApiToken.revoked_at.is_(None))) > 0
+
+
+def authenticate(session, header: str | None, now) -> tuple[Caller, bool]:
+    """Resolve an `Authorization: Bearer <token>` header.
+
+    Returns the caller and whether `last_used_at` was written (the caller
+    then commits). Raises Unauthorized.
+    """
+    if not header:
+        raise Unauthorized("Missing bearer token", code="missing_token")
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise Unauthorized("Authorization must be 'Bearer <token>'", code="missing_token")
+    row = session.execute(
+        sa.select(ApiToken.id, ApiToken.name, ApiToken.role, ApiToken.revoked_at,
+                  ApiToken.last_used_at)
+        .where(ApiToken.token_hash == hash_token(raw.strip()))).first()
+    if row is None:
+        raise Unauthorized("Unknown token", code="invalid_token")
+    if row.revoked_at is not None:
+        raise Unauthorized("Token revoked", code="revoked_token")
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_GRANULARITY:
+        session.execute(sa.update(ApiToken).where(ApiToken.id == row.id)
+                        .values(last_used_at=now))
+        touched = True
+    else:
+        touched = False
+    return Caller(id=row.id, name=row.name, role=row.role), touched

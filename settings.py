@@ -1,0 +1,51 @@
+"""Every setting and its default, in one place.
+
+The environment overrides them (`SWITCHBOARD_<NAME>`, plus the conventional
+`DATABASE_URL`, `REDIS_URL`); tests pass a dict to `create_app`.
+Durations are seconds.
+"""
+import os
+
+DEFAULTS = {
+    "POLL_WAIT_MAX": 25.0,
+    "SESSION_LIVENESS": 10.0,
+    "HEARTBEAT_TIMEOUT": 90.0,
+    "INACTIVE_RETENTION": 14400.0,
+    "TASK_PICKUP_TIMEOUT": 30.0,
+    "INFER_TIMEOUT": 600.0,
+    "STREAM_IDLE_TIMEOUT": 120.0,
+    "WAKE_TIMEOUT": 300.0,
+    "MAX_BODY_BYTES": 4 * 1024 * 1024,
+    "MAX_PENDING_PER_LLM": 256,
+    # Not in the contract, but tunable: SSE comment interval while a stream
+    # waits, and the connect timeout towards public upstreams.
+    "STREAM_KEEPALIVE": 15.0,
+    "UPSTREAM_CONNECT_TIMEOUT": 5.0,
+    "REDIS_URL": None,
+}
+
+
+def load(app, overrides=None):
+    """Fill `app.config` from the defaults, the environment, then `overrides`."""
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("SWITCHBOARD")
+    database_url = os.environ.get("DATABASE_URL")
+    if database_url:
+        app.config["SQLALCHEMY_DATABASE_URI"] = normalize_database_url(database_url)
+    else:
+        os.makedirs(app.instance_path, exist_ok=True)
+        path = os.path.join(app.instance_path, "switchboard.db")
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{path}"
+    if os.environ.get("REDIS_URL"):
+        app.config["REDIS_URL"] = os.environ["REDIS_URL"]
+    if overrides:
+        app.config.update(overrides)
+    app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+
+
+def normalize_database_url(url):
+    """Heroku-style `postgres://` URLs name the psycopg 3 driver explicitly."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
