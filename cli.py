@@ -1,11 +1,13 @@
 """`flask tokens ...` and `flask gc-sweep`."""
+import json
+
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
 from extensions import db
 from models import Role, utcnow
-from services import tokens
+from services import gc, tokens
 from services.errors import ServiceError
 
 tokens_cli = AppGroup("tokens", help="Create, list and revoke API tokens.")
@@ -57,5 +59,32 @@ def _run(operation, *args):
         raise click.ClickException(exc.message) from None
 
 
+@click.command("gc-sweep")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on one line.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0), default=None,
+              help="Seconds without heartbeat before a virtual row goes inactive "
+                   "(default: SWITCHBOARD_HEARTBEAT_TIMEOUT, 90).")
+@click.option("--retention", type=click.FloatRange(min=0), default=None,
+              help="Seconds an inactive virtual row is kept before deletion "
+                   "(default: SWITCHBOARD_INACTIVE_RETENTION, 14400).")
+def gc_sweep(as_json, heartbeat_timeout, retention):
+    """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted."""
+    config = current_app.config
+    result = gc.sweep(
+        db.session, utcnow(),
+        heartbeat_timeout=(heartbeat_timeout if heartbeat_timeout is not None
+                           else float(config["HEARTBEAT_TIMEOUT"])),
+        retention=retention if retention is not None else float(config["INACTIVE_RETENTION"]))
+    db.session.commit()
+    if as_json:
+        click.echo(json.dumps(result, separators=(",", ":")))
+    else:
+        for table in ("agents", "llms"):
+            counts = result[table]
+            click.echo(f"{table}: {counts['marked_inactive']} marked inactive, "
+                       f"{counts['deleted']} deleted")
+
+
 def init_app(app):
     app.cli.add_command(tokens_cli)
+    app.cli.add_command(gc_sweep)

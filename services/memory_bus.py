@@ -58,13 +58,14 @@ class _Task:
 
 
 class _Session:
-    __slots__ = ("queue", "wakeup", "polls_held", "last_seen")
+    __slots__ = ("queue", "wakeup", "polls_held", "last_seen", "dropped")
 
     def __init__(self, now):
         self.queue = collections.deque()  # task ids, and cancel messages (dicts)
         self.wakeup = threading.Event()
         self.polls_held = 0
         self.last_seen = now
+        self.dropped = False
 
 
 class MemoryTaskBus(TaskBus):
@@ -184,6 +185,8 @@ class MemoryTaskBus(TaskBus):
                     handed = self._hand_over(session, now) if session.queue else None
                     if handed:
                         return handed
+                    if session.dropped:
+                        return []
                     session.wakeup.clear()
                     self._maybe_prune(now)
                 if now >= deadline:
@@ -251,6 +254,7 @@ class MemoryTaskBus(TaskBus):
                         f"LLM '{t.llm}': {reason}", code="publisher_disconnected"))
                     failed += 1
             if session is not None:
+                session.dropped = True
                 session.wakeup.set()
             return failed
 

@@ -1,0 +1,89 @@
+"""The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
+from flask import Blueprint, current_app, request
+
+from blueprints.common import caller, json_body, require
+from extensions import db
+from models import utcnow
+from schemas import publisher as schemas
+from services import lifecycle
+from services.errors import Invalid
+
+bp = Blueprint("publishers", __name__)
+
+
+def bus():
+    return current_app.extensions["task_bus"]
+
+
+@bp.post("/publishers/register")
+@require("publisher")
+def register():
+    data = json_body(schemas.register)
+    session_id, llms, agents = lifecycle.register(
+        db.session, caller(), data["session_id"], data["llms"], data["agents"], utcnow())
+    db.session.commit()
+    bus().touch(session_id)
+    return {"session_id": session_id, "llms": [llm.view() for llm in llms],
+            "agents": [agent.view() for agent in agents]}, 201
+
+
+@bp.post("/publishers/<session_id>/heartbeat")
+@require("publisher")
+def heartbeat(session_id):
+    lifecycle.heartbeat(db.session, caller(), session_id, utcnow())
+    db.session.commit()
+    return {"ok": True}
+
+
+@bp.get("/publishers/<session_id>/tasks")
+@require("publisher")
+def poll(session_id):
+    wait = _wait_seconds(request.args.get("wait"))
+    lifecycle.owned_session(db.session, caller(), session_id)
+    db.session.close()  # hold no pooled connection during the long-poll
+    return {"tasks": bus().poll(session_id, wait)}
+
+
+@bp.delete("/publishers/<session_id>")
+@require("publisher")
+def disconnect(session_id):
+    lifecycle.disconnect(db.session, caller(), session_id, utcnow())
+    db.session.commit()
+    bus().drop_session(session_id, "publisher disconnected")
+    return "", 204
+
+
+@bp.post("/tasks/<task_id>/result")
+@require("publisher")
+def post_result(task_id):
+    outcome = json_body(schemas.result)
+    task = lifecycle.owned_task(db.session, bus(), caller(), task_id)
+    lifecycle.apply_outcome(db.session, task, outcome, utcnow())
+    db.session.commit()  # commit, then notify: woken requests must find the row active
+    bus().complete(task_id, outcome)
+    return {"accepted": True}
+
+
+@bp.post("/tasks/<task_id>/chunks")
+@require("publisher")
+def post_chunks(task_id):
+    data = json_body(schemas.chunks)
+    lifecycle.owned_task(db.session, bus(), caller(), task_id)
+    db.session.close()
+    bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
+                      data["done"])
+    return {"accepted": True}
+
+
+def _wait_seconds(raw) -> float:
+    limit = float(current_app.config["POLL_WAIT_MAX"])
+    if raw is None:
+        return limit
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait < float("inf"):
+        raise Invalid("'wait' must be a number of seconds >= 0", code="validation_failed",
+                      details={"wait": ["Not a valid number of seconds."]})
+    return min(wait, limit)

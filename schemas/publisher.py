@@ -1,0 +1,70 @@
+from marshmallow import ValidationError, fields, validate, validates_schema
+
+from schemas.common import Name, StrictBoolean, StrictInteger, StrictSchema
+from schemas.llm import TIERS
+
+SESSION_ID = validate.Regexp(r"^[A-Za-z0-9_-]{1,64}$",
+                             error="must be 1-64 letters, digits, '-' or '_'")
+
+
+class PublishedLlmSchema(StrictSchema):
+    name = Name(required=True)
+    type = fields.String(load_default="openai",
+                         validate=validate.Regexp(r"^[a-z][a-z0-9_-]{0,31}$"))
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    tier = fields.String(validate=validate.OneOf(TIERS))
+    description = fields.String(validate=validate.Length(max=10_000))
+    extra_config = fields.Dict(keys=fields.String())
+    initial_status = fields.String(validate=validate.OneOf(("active", "hibernating")))
+
+
+class PublishedAgentSchema(StrictSchema):
+    name = Name(required=True)
+    llm = Name(required=True)
+    description = fields.String(validate=validate.Length(max=10_000))
+    system_prompt = fields.String(validate=validate.Length(max=200_000))
+    project = Name(allow_none=True)
+    default_params = fields.Dict(keys=fields.String())
+    extras = fields.Dict(keys=fields.String())
+
+
+class RegisterSchema(StrictSchema):
+    session_id = fields.String(allow_none=True, load_default=None, validate=SESSION_ID)
+    llms = fields.List(fields.Nested(PublishedLlmSchema), required=True,
+                       validate=validate.Length(max=1000))
+    agents = fields.List(fields.Nested(PublishedAgentSchema), load_default=list,
+                         validate=validate.Length(max=1000))
+
+    @validates_schema
+    def names_are_unique(self, data, **_):
+        for key in ("llms", "agents"):
+            names = [item["name"] for item in data.get(key, [])]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValidationError(f"duplicate names: {', '.join(duplicates)}", key)
+
+
+class ResultSchema(StrictSchema):
+    status = StrictInteger(validate=validate.Range(min=100, max=599))
+    body = fields.Raw(allow_none=True)
+    error = fields.String(validate=validate.Length(min=1, max=10_000))
+
+    @validates_schema
+    def one_outcome(self, data, **_):
+        if ("error" in data) == ("status" in data):
+            raise ValidationError("give either {status, body} or {error}", "_schema")
+
+
+class ChunkSchema(StrictSchema):
+    data = fields.String(required=True)
+
+
+class ChunksSchema(StrictSchema):
+    chunks = fields.List(fields.Nested(ChunkSchema), required=True)
+    done = StrictBoolean(load_default=False)
+    seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
+
+
+register = RegisterSchema()
+result = ResultSchema()
+chunks = ChunksSchema()

@@ -1,0 +1,76 @@
+"""`flask gc-sweep`: the backstop for publishers that vanished without a DELETE.
+
+Set-based, a few statements whatever the row count:
+
+1. agents first, then LLMs: virtual rows that are active *or hibernating*
+   with a heartbeat older than the timeout go inactive;
+2. virtual rows inactive for longer than the retention are deleted; right
+   before the LLMs go, any virtual agent still pinned to one of them is
+   deleted too (agent → LLM is restrict). An LLM that a public agent pins is
+   kept: an operator's agent is not ours to delete;
+3. publisher sessions with no rows left and no heartbeat within the
+   retention are forgotten.
+
+Public rows are never touched. Every statement re-checks its condition, so a
+second sweep, or two at once, finds nothing left to do.
+"""
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from models import Agent, Kind, Llm, PublisherSession, Status
+from services.lifecycle import mark_inactive
+
+LIVE = (Status.ACTIVE, Status.HIBERNATING)
+
+
+def sweep(session, now, heartbeat_timeout: float, retention: float) -> dict:
+    """Run one sweep as of `now` (naive UTC). Returns
+    `{marked_inactive, deleted, llms: {marked_inactive, deleted}, agents: {...}}`."""
+    stale_before = now - timedelta(seconds=heartbeat_timeout)
+    expired_before = now - timedelta(seconds=retention)
+
+    agents = {"marked_inactive": _mark_stale(session, Agent, now, stale_before),
+              "deleted": _delete_expired(session, Agent, expired_before)}
+    llms = {"marked_inactive": _mark_stale(session, Llm, now, stale_before)}
+    agents["deleted"] += _delete_agents_pinned_to_expired_llms(session, expired_before)
+    llms["deleted"] = _delete_expired(session, Llm, expired_before)
+    _forget_empty_sessions(session, expired_before)
+    return {"marked_inactive": agents["marked_inactive"] + llms["marked_inactive"],
+            "deleted": agents["deleted"] + llms["deleted"],
+            "llms": llms, "agents": agents}
+
+
+def _mark_stale(session, model, now, stale_before) -> int:
+    return mark_inactive(session, model, now, sa.and_(
+        model.status.in_(LIVE), model.last_heartbeat_at < stale_before))
+
+
+def _expired(model, expired_before):
+    return sa.and_(model.kind == Kind.VIRTUAL, model.status == Status.INACTIVE,
+                   model.inactive_since < expired_before)
+
+
+def _delete_expired(session, model, expired_before) -> int:
+    condition = _expired(model, expired_before)
+    if model is Llm:
+        condition = sa.and_(condition, ~sa.exists().where(Agent.llm_id == Llm.id))
+    return session.execute(sa.delete(model).where(condition)
+                           .execution_options(synchronize_session=False)).rowcount
+
+
+def _delete_agents_pinned_to_expired_llms(session, expired_before) -> int:
+    expiring = sa.select(Llm.id).where(_expired(Llm, expired_before))
+    return session.execute(
+        sa.delete(Agent).where(Agent.kind == Kind.VIRTUAL, Agent.llm_id.in_(expiring))
+        .execution_options(synchronize_session=False)).rowcount
+
+
+def _forget_empty_sessions(session, expired_before) -> int:
+    owns_rows = sa.or_(
+        sa.exists().where(Llm.provider_session_id == PublisherSession.id),
+        sa.exists().where(Agent.provider_session_id == PublisherSession.id))
+    return session.execute(
+        sa.delete(PublisherSession)
+        .where(PublisherSession.last_heartbeat_at < expired_before, ~owns_rows)
+        .execution_options(synchronize_session=False)).rowcount

@@ -1,0 +1,174 @@
+"""Publisher sessions and the lifecycle of their virtual LLMs and agents.
+
+The seeds' rules (VirtualLlmService.register, AgentService.registerVirtualAgents):
+
+- register is a sticky upsert: a new name inserts a virtual row; the same
+  session re-registering updates and reactivates its rows; an *inactive*
+  virtual row of another session is adopted; a public row, or a live
+  (active or hibernating) row of another session, is a 409;
+- heartbeat bumps every row of the session and revives inactive ones;
+- disconnect flips the session's rows inactive at once.
+
+LLMs and agents follow the same rules, so one sticky upsert serves both.
+Services flush; the view commits, then notifies the bus.
+"""
+import logging
+
+import sqlalchemy as sa
+
+from models import Agent, Kind, Llm, Project, PublisherSession, Status, new_id
+from services.errors import Conflict, Forbidden, NotFound
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = (Llm, Agent)
+LABELS = {Llm: "LLM", Agent: "agent"}
+
+
+def register(session, caller, session_id, llms, agents, now):
+    """Bind (or create) the publisher session and upsert its LLMs, then its agents.
+
+    Returns (session_id, [Llm], [Agent]). Raises Forbidden (another token owns
+    the session), Conflict (public name, another session's live row), NotFound
+    (an agent's LLM or project does not exist).
+    """
+    session_id = session_id or new_id()
+    publisher = session.get(PublisherSession, session_id)
+    if publisher is None:
+        session.add(PublisherSession(id=session_id, owner=caller.id, last_heartbeat_at=now))
+    elif publisher.owner != caller.id:
+        raise Forbidden(f"Session '{session_id}' belongs to another token",
+                        code="foreign_session")
+    else:
+        publisher.last_heartbeat_at = now
+
+    llm_rows = []
+    for spec in llms:
+        spec = dict(spec)
+        status = spec.pop("initial_status", Status.ACTIVE)
+        llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
+    session.flush()  # the agents below may pin the LLMs just inserted
+
+    agent_rows = []
+    for spec in agents:
+        spec = dict(spec)
+        spec["llm_id"] = _id_by_name(session, Llm, spec.pop("llm"))
+        if "project" in spec:
+            project = spec.pop("project")
+            spec["project_id"] = project and _id_by_name(session, Project, project)
+        row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now)
+        row.owner = row.owner or caller.id
+        agent_rows.append(row)
+    session.flush()
+    log.info("registered session %s: %d LLMs, %d agents", session_id, len(llm_rows),
+             len(agent_rows))
+    return session_id, llm_rows, agent_rows
+
+
+def owned_session(session, caller, session_id) -> PublisherSession:
+    """The publisher session, if the caller may use it. Raises NotFound, Forbidden."""
+    publisher = session.get(PublisherSession, session_id)
+    if publisher is None:
+        raise NotFound(f"Session '{session_id}' not found; register again",
+                       code="session_not_found")
+    if publisher.owner != caller.id and not caller.is_admin:
+        raise Forbidden(f"Session '{session_id}' belongs to another token",
+                        code="foreign_session")
+    return publisher
+
+
+def heartbeat(session, caller, session_id, now) -> int:
+    """Bump every row of the session and revive inactive ones; returns how many
+    rows it owns. Raises NotFound when the session, or every row it had, is
+    gone (the publisher then registers again), Forbidden."""
+    publisher = owned_session(session, caller, session_id)
+    publisher.last_heartbeat_at = now
+    owned = 0
+    for model in PUBLISHED:
+        owned += session.execute(
+            sa.update(model)
+            .where(model.provider_session_id == session_id, model.kind == Kind.VIRTUAL)
+            .values(last_heartbeat_at=now,
+                    status=sa.case((model.status == Status.INACTIVE, Status.ACTIVE),
+                                   else_=model.status),
+                    inactive_since=None)
+            .execution_options(synchronize_session=False)).rowcount
+    if owned == 0:
+        raise NotFound(f"Session '{session_id}' has no rows left; register again",
+                       code="session_not_found")
+    return owned
+
+
+def disconnect(session, caller, session_id, now) -> int:
+    """Flip the session's rows inactive at once; returns how many changed.
+    The caller then fails the session's in-flight tasks on the bus."""
+    owned_session(session, caller, session_id)
+    return sum(mark_inactive(session, model, now, model.provider_session_id == session_id)
+               for model in PUBLISHED)
+
+
+def mark_inactive(session, model, now, condition) -> int:
+    """Set-based: every virtual, not yet inactive row of `model` matching
+    `condition` goes inactive as of `now`. Returns how many did."""
+    return session.execute(
+        sa.update(model)
+        .where(model.kind == Kind.VIRTUAL, model.status != Status.INACTIVE, condition)
+        .values(status=Status.INACTIVE, inactive_since=now)
+        .execution_options(synchronize_session=False)).rowcount
+
+
+def owned_task(session, bus, caller, task_id) -> dict:
+    """The bus's `{task_id, session_id, kind, llm}` for a task of one of the
+    caller's sessions. Raises NotFound, Conflict (completed), Gone (cancelled
+    or expired), Forbidden."""
+    task = bus.task_info(task_id)
+    try:
+        owned_session(session, caller, task["session_id"])
+    except Forbidden:
+        raise Forbidden(f"Task '{task_id}' belongs to another publisher",
+                        code="foreign_task") from None
+    return task
+
+
+def apply_outcome(session, task, outcome, now) -> None:
+    """What a posted outcome changes in the database: a successful wake makes
+    the hibernating LLM active (the seeds' runWake)."""
+    if task["kind"] == "wake" and 200 <= outcome.get("status", 0) < 300:
+        mark_awake(session, task["llm"], task["session_id"], now)
+
+
+def mark_awake(session, llm_name, session_id, now) -> bool:
+    """A wake task succeeded: the hibernating LLM is active from now."""
+    return session.execute(
+        sa.update(Llm)
+        .where(Llm.name == llm_name, Llm.provider_session_id == session_id,
+               Llm.status == Status.HIBERNATING)
+        .values(status=Status.ACTIVE, last_heartbeat_at=now, inactive_since=None)
+        .execution_options(synchronize_session=False)).rowcount == 1
+
+
+def _upsert(session, model, spec, session_id, status, now):
+    label = LABELS[model]
+    row = session.scalar(sa.select(model).where(model.name == spec["name"]))
+    if row is None:
+        row = model(kind=Kind.VIRTUAL)
+        session.add(row)
+    elif row.kind == Kind.PUBLIC:
+        raise Conflict(f"Cannot publish over public {label} '{row.name}'", code="public_name")
+    elif row.provider_session_id != session_id and row.status != Status.INACTIVE:
+        raise Conflict(f"Virtual {label} '{row.name}' is already active under a different "
+                       f"session", code="session_conflict")
+    for key, value in spec.items():
+        setattr(row, key, value)
+    row.provider_session_id = session_id
+    row.status = status
+    row.last_heartbeat_at = now
+    row.inactive_since = None
+    return row
+
+
+def _id_by_name(session, model, name):
+    row_id = session.scalar(sa.select(model.id).where(model.name == name))
+    if row_id is None:
+        raise NotFound(f"{model.__name__} '{name}' not found", code="not_found")
+    return row_id

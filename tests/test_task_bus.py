@@ -1,0 +1,224 @@
+"""The in-memory task bus on its own: ordering, deadlines, cleanup on every path."""
+import threading
+import time
+
+import pytest
+
+from services.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unavailable
+from services.memory_bus import MemoryTaskBus
+
+SID = "session-1"
+INFER = {"kind": "infer", "llm": "m", "streaming": False, "body": {}}
+
+
+@pytest.fixture
+def bus():
+    bus = MemoryTaskBus(session_liveness=0.5)
+    yield bus
+    # Whatever the test did, nothing may stay behind once every task is released.
+    stats = bus.stats()
+    assert stats["tasks"] == stats["shared"] == stats["pending"] == 0, stats
+
+
+def submit(bus, task=INFER, **kwargs):
+    args = {"llm": "m", "limit": 10, "pickup_timeout": 5.0, "timeout": 5.0, **kwargs}
+    return bus.submit(SID, dict(task), **args)
+
+
+def later(delay, fn, *args):
+    timer = threading.Timer(delay, fn, args)
+    timer.start()
+    return timer
+
+
+def test_poll_hands_over_queued_tasks_with_their_ids(bus):
+    task_id = submit(bus)
+    tasks = bus.poll(SID, wait=0)
+    assert tasks == [{"task_id": task_id, **INFER}]
+    bus.release(task_id)
+
+
+def test_held_poll_returns_as_soon_as_a_task_arrives(bus):
+    holder = {}
+    later(0.1, lambda: holder.setdefault("id", submit(bus)))
+    started = time.monotonic()
+    tasks = bus.poll(SID, wait=5)
+    assert time.monotonic() - started < 2
+    assert [t["task_id"] for t in tasks] == [holder["id"]]
+    bus.release(holder["id"])
+
+
+def test_empty_poll_returns_after_its_wait(bus):
+    started = time.monotonic()
+    assert bus.poll(SID, wait=0.2) == []
+    assert 0.15 < time.monotonic() - started < 2
+
+
+def test_outcome_reaches_the_waiting_client(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        later(0.05, bus.complete, task_id, {"status": 200, "body": {"ok": True}})
+        assert bus.wait_result(task_id) == {"status": 200, "body": {"ok": True}}
+
+
+def test_task_not_picked_up_in_time_is_a_504_and_leaves_the_queue(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=0.1, timeout=5) as task_id:
+        with pytest.raises(GatewayTimeout) as err:
+            bus.wait_result(task_id)
+        assert err.value.code == "pickup_timeout"
+    assert bus.poll(SID, wait=0) == []
+
+
+def test_task_not_finished_in_time_is_a_504_and_cancels_the_publisher(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=0.1) as task_id:
+        bus.poll(SID, wait=0)
+        with pytest.raises(GatewayTimeout) as err:
+            bus.wait_result(task_id)
+        assert err.value.code == "task_timeout"
+    assert bus.poll(SID, wait=0) == [{"kind": "cancel", "task_id": task_id}]
+    with pytest.raises(Gone):
+        bus.complete(task_id, {"status": 200, "body": {}})
+
+
+def test_wait_result_returns_none_at_the_keepalive_interval(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        assert bus.wait_result(task_id, poll_interval=0.05) is None
+
+
+def test_chunks_arrive_in_order_and_done_marker_ends_the_stream(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        bus.push_chunks(task_id, ["a", "b"], seq=None, done=False)
+        bus.push_chunks(task_id, ["c", "[DONE]", "ignored"], seq=None, done=False)
+        assert bus.next_chunks(task_id, idle_timeout=5, poll_interval=1) == (
+            ["a", "b", "c"], True, None)
+        with pytest.raises(Conflict):
+            bus.push_chunks(task_id, ["late"], seq=None, done=False)
+
+
+def test_retried_chunk_batch_is_not_duplicated(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        bus.push_chunks(task_id, ["a", "b"], seq=0, done=False)
+        bus.push_chunks(task_id, ["a", "b", "c"], seq=0, done=False)  # a retry that grew
+        bus.push_chunks(task_id, ["c", "d"], seq=2, done=True)
+        bus.push_chunks(task_id, ["c", "d"], seq=2, done=True)  # retried final batch: accepted
+        assert bus.next_chunks(task_id, 5, 1) == (["a", "b", "c", "d"], True, None)
+
+
+def test_chunk_batch_leaving_a_gap_is_refused(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        with pytest.raises(Conflict) as err:
+            bus.push_chunks(task_id, ["x"], seq=3, done=False)
+        assert err.value.details == {"expected_seq": 0}
+
+
+def test_silent_stream_times_out(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        bus.push_chunks(task_id, ["a"], seq=None, done=False)
+        assert bus.next_chunks(task_id, 0.1, 1)[0] == ["a"]
+        with pytest.raises(GatewayTimeout) as err:
+            bus.next_chunks(task_id, 0.1, 1)
+        assert err.value.code == "stream_idle_timeout"
+
+
+def test_client_going_away_cancels_a_picked_task(bus):
+    task_id = submit(bus)
+    bus.poll(SID, wait=0)
+    bus.release(task_id)
+    with pytest.raises(Gone):
+        bus.push_chunks(task_id, ["a"], seq=None, done=False)
+    assert bus.poll(SID, wait=0) == [{"kind": "cancel", "task_id": task_id}]
+
+
+def test_client_going_away_before_pickup_just_drops_the_task(bus):
+    bus.release(submit(bus))
+    assert bus.poll(SID, wait=0) == []
+
+
+def test_completed_task_answers_conflict_and_unknown_task_not_found(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        bus.complete(task_id, {"status": 200, "body": None})
+        with pytest.raises(Conflict):
+            bus.complete(task_id, {"status": 200, "body": None})
+    with pytest.raises(Conflict):  # after release too
+        bus.complete(task_id, {"status": 200, "body": None})
+    with pytest.raises(NotFound):
+        bus.complete("no-such-task", {"status": 200, "body": None})
+
+
+def test_dropping_a_session_fails_its_in_flight_tasks(bus):
+    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+        bus.poll(SID, wait=0)
+        later(0.05, bus.drop_session, SID, "publisher disconnected")
+        with pytest.raises(Unavailable, match="publisher disconnected"):
+            bus.wait_result(task_id)
+    assert not bus.is_live(SID)
+
+
+def test_dropping_a_session_ends_its_held_poll(bus):
+    later(0.1, bus.drop_session, SID, "publisher disconnected")
+    started = time.monotonic()
+    assert bus.poll(SID, wait=5) == []
+    assert time.monotonic() - started < 2
+
+
+def test_shared_key_joins_the_task_in_flight(bus):
+    wake = {"kind": "wake", "llm": "m"}
+    first = submit(bus, wake, share_key="wake:m")
+    second = submit(bus, wake, share_key="wake:m")
+    assert first == second
+    assert len(bus.poll(SID, wait=0)) == 1
+    bus.complete(first, {"status": 200, "body": {"ok": True}})
+    assert bus.wait_result(first) == bus.wait_result(second) == {"status": 200,
+                                                                 "body": {"ok": True}}
+    bus.release(first)
+    bus.release(second)
+
+
+def test_pending_limit_per_llm_is_a_429(bus):
+    ids = [submit(bus, limit=2) for _ in range(2)]
+    with pytest.raises(TooManyRequests) as err:
+        submit(bus, limit=2)
+    assert err.value.headers == {"Retry-After": "1"}
+    submit_other = bus.submit(SID, dict(INFER), llm="other", limit=2, pickup_timeout=5,
+                              timeout=5)
+    for task_id in [*ids, submit_other]:
+        bus.release(task_id)
+
+
+def test_session_is_live_while_polling_and_shortly_after(bus):
+    assert not bus.is_live(SID)
+    poller = threading.Thread(target=bus.poll, args=(SID, 0.3))
+    poller.start()
+    time.sleep(0.1)
+    assert bus.is_live(SID)
+    poller.join()
+    assert bus.is_live(SID)  # ended less than SESSION_LIVENESS ago
+    time.sleep(0.6)
+    assert not bus.is_live(SID)
+
+
+def test_hundred_concurrent_waiters_each_get_their_own_outcome(bus):
+    results = {}
+
+    def client(n):
+        with bus.open_task(SID, {**INFER, "body": {"n": n}}, llm="m", limit=200,
+                           pickup_timeout=5, timeout=5) as task_id:
+            results[n] = bus.wait_result(task_id)
+
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(100)]
+    for thread in clients:
+        thread.start()
+    answered = 0
+    deadline = time.monotonic() + 10
+    while answered < 100 and time.monotonic() < deadline:
+        for task in bus.poll(SID, wait=0.5):
+            bus.complete(task["task_id"], {"status": 200, "body": task["body"]})
+            answered += 1
+    for thread in clients:
+        thread.join(5)
+    assert results == {n: {"status": 200, "body": {"n": n}} for n in range(100)}
