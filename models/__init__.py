@@ -1,12 +1,12 @@
 """The tables. Importing this package registers every model with `db`."""
 from models.agent import Agent, Personality, PersonalityPrompt, Project, Prompt
-from models.chat import ChatMessage, ChatThread
+from models.chat import ChatMessage, ChatThread, MessageStatus
 from models.common import Kind, Role, Status, iso, new_id, utcnow
 from models.llm import Llm
 from models.token import ApiToken, PublisherSession
 
 __all__ = [
-    "Agent", "ApiToken", "ChatMessage", "ChatThread", "Kind", "Llm", "Personality",
-    "PersonalityPrompt", "Project", "Prompt", "PublisherSession", "Role", "Status",
-    "iso", "new_id", "utcnow",
+    "Agent", "ApiToken", "ChatMessage", "ChatThread", "Kind", "Llm", "MessageStatus",
+    "Personality", "PersonalityPrompt", "Project", "Prompt", "PublisherSession", "Role",
+    "Status", "iso", "new_id", "utcnow",
 ]

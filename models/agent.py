@@ -17,6 +17,15 @@ class Project(db.Model):
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()
 
+    def view(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
 
 class Agent(LifecycleMixin, db.Model):
     __tablename__ = "agent"
@@ -80,14 +89,46 @@ class Personality(db.Model):
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()
 
+    # The DB cascades link rows when a personality or prompt goes.
+    links = relationship("PersonalityPrompt", order_by="PersonalityPrompt.position",
+                         cascade="all, delete-orphan", passive_deletes=True, lazy="selectin")
+
+    @property
+    def prompts(self) -> list["Prompt"]:
+        return [link.prompt for link in self.links]
+
+    def view(self, agent_name: str) -> dict:
+        return {
+            "id": self.id,
+            "agent": agent_name,
+            "name": self.name,
+            "description": self.description,
+            "prompts": [{"name": p.name, "scope": p.scope} for p in self.prompts],
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
+
+_GLOBAL = "project_id IS NULL AND agent_id IS NULL"
+
 
 class Prompt(db.Model):
-    """Global (no project, no agent), per project, or per agent."""
+    """Global (no project, no agent), per project, or per agent; a name is
+    unique within its scope."""
 
     __tablename__ = "prompt"
     __table_args__ = (
         sa.Index("ix_prompt_project_id", "project_id"),
         sa.Index("ix_prompt_agent_id", "agent_id"),
+        # NULLs are distinct in a unique index, hence one partial index per scope.
+        sa.Index("uq_prompt_global_name", "name", unique=True,
+                 sqlite_where=sa.text(_GLOBAL), postgresql_where=sa.text(_GLOBAL)),
+        sa.Index("uq_prompt_project_id_name", "project_id", "name", unique=True,
+                 sqlite_where=sa.text("project_id IS NOT NULL"),
+                 postgresql_where=sa.text("project_id IS NOT NULL")),
+        sa.Index("uq_prompt_agent_id_name", "agent_id", "name", unique=True,
+                 sqlite_where=sa.text("agent_id IS NOT NULL"),
+                 postgresql_where=sa.text("agent_id IS NOT NULL")),
     )
 
     id: Mapped[str] = id_column()
@@ -99,6 +140,25 @@ class Prompt(db.Model):
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()
 
+    @property
+    def scope(self) -> str:
+        if self.agent_id:
+            return "agent"
+        return "project" if self.project_id else "global"
+
+    def view(self, scope_name: str | None = None) -> dict:
+        """`scope_name`: the project's or agent's name, when the prompt has one."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "content": self.content,
+            "scope": self.scope,
+            "project": scope_name if self.project_id else None,
+            "agent": scope_name if self.agent_id else None,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }
+
 
 class PersonalityPrompt(db.Model):
     __tablename__ = "personality_prompt"
@@ -108,3 +168,5 @@ class PersonalityPrompt(db.Model):
     prompt_id: Mapped[str] = mapped_column(
         sa.ForeignKey("prompt.id", ondelete="CASCADE"), primary_key=True)
     position: Mapped[int] = mapped_column(default=0)
+
+    prompt = relationship("Prompt", lazy="joined")

@@ -1,3 +1,4 @@
+import enum
 from datetime import datetime
 from typing import Any
 
@@ -6,6 +7,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from extensions import db
 from models.common import created_column, id_column, iso
+
+
+class MessageStatus(enum.StrEnum):
+    PENDING = "pending"    # the assistant's answer is being produced
+    COMPLETE = "complete"
+    ERROR = "error"        # inference failed; never part of the context again
 
 
 class ChatThread(db.Model):
@@ -41,7 +48,9 @@ class ChatMessage(db.Model):
     content: Mapped[str] = mapped_column(sa.Text, default="")
     tool_calls: Mapped[list[Any] | None] = mapped_column(sa.JSON)
     tool_call_id: Mapped[str | None] = mapped_column(sa.String(100))
-    status: Mapped[str] = mapped_column(sa.String(16), default="complete")
+    status: Mapped[str] = mapped_column(sa.String(16), default=MessageStatus.COMPLETE)
+    # Why an assistant message ended in `error` (its content is what arrived).
+    error: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = created_column()
 
     def view(self) -> dict:
@@ -54,5 +63,6 @@ class ChatMessage(db.Model):
             "tool_calls": self.tool_calls,
             "tool_call_id": self.tool_call_id,
             "status": self.status,
+            "error": self.error,
             "created_at": iso(self.created_at),
         }
