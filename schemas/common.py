@@ -3,7 +3,8 @@ import re
 from marshmallow import Schema, ValidationError, fields, validate
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-NAME_MESSAGE = "must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# Doubled braces: marshmallow formats this message with str.format.
+NAME_MESSAGE = "must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}$"
 
 
 def Name(**kwargs):
