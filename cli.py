@@ -3,7 +3,7 @@ import json
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 
 from extensions import db
 from models import Role, utcnow
@@ -67,6 +67,7 @@ def _run(operation, *args):
 @click.option("--retention", type=click.FloatRange(min=0), default=None,
               help="Seconds an inactive virtual row is kept before deletion "
                    "(default: SWITCHBOARD_INACTIVE_RETENTION, 14400).")
+@with_appcontext
 def gc_sweep(as_json, heartbeat_timeout, retention):
     """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted."""
     config = current_app.config

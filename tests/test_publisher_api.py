@@ -1,0 +1,322 @@
+"""The publisher protocol over HTTP (Flask's test client, real SQLite): status
+codes and ownership, as DESIGN.md's Publisher protocol lists them."""
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from extensions import db
+from models import Llm, utcnow
+from services import tokens as token_service
+
+LLM = {"name": "vllm-local", "type": "openai", "model": "qwen"}
+ASK = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def app_config():
+    return {"POLL_WAIT_MAX": 1.0, "TASK_PICKUP_TIMEOUT": 0.3, "SESSION_LIVENESS": 5.0}
+
+
+@pytest.fixture
+def other_publisher(app):
+    with app.app_context():
+        raw = token_service.create_token(db.session, "publisher-2", "publisher")
+        db.session.commit()
+    return {"Authorization": f"Bearer {raw}"}
+
+
+def register(client, auth, **payload):
+    response = client.post("/api/v1/publishers/register", headers=auth("publisher"),
+                           json={"llms": [LLM], **payload})
+    assert response.status_code == 201, response.json
+    return response.json
+
+
+def poll(client, headers, session_id, wait=0):
+    return client.get(f"/api/v1/publishers/{session_id}/tasks?wait={wait}", headers=headers)
+
+
+def in_background(fn, *args, **kwargs):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("value", fn(*args, **kwargs)))
+    thread.start()
+    return thread, box
+
+
+def take_task(client, auth, session_id):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        tasks = poll(client, auth("publisher"), session_id, wait=0.5).json["tasks"]
+        if tasks:
+            return tasks[0]
+    raise AssertionError("no task arrived")
+
+
+def infer_in_background(app, auth, body=ASK):
+    return in_background(lambda: app.test_client().post(
+        "/api/v1/llms/vllm-local/infer", headers=auth("client"), json=body))
+
+
+# -- register -----------------------------------------------------------------
+
+def test_register_returns_the_session_and_views_without_secrets(client, auth):
+    body = register(client, auth)
+    assert body["session_id"]
+    [view] = body["llms"]
+    assert (view["name"], view["kind"], view["status"]) == ("vllm-local", "virtual", "active")
+    assert body["agents"] == []
+
+
+def test_register_with_a_sticky_session_id_keeps_it(client, auth):
+    assert register(client, auth, session_id="box-under-desk")["session_id"] == "box-under-desk"
+
+
+def test_register_over_another_tokens_session_is_forbidden(client, auth, other_publisher):
+    register(client, auth, session_id="mine")
+    response = client.post("/api/v1/publishers/register", headers=other_publisher,
+                           json={"session_id": "mine", "llms": [LLM]})
+    assert response.status_code == 403
+    assert response.json["error"]["code"] == "foreign_session"
+
+
+def test_register_over_a_public_llm_is_a_conflict(client, auth):
+    client.post("/api/v1/llms", headers=auth("admin"), json={
+        "name": "vllm-local", "model": "m", "url": "http://127.0.0.1:9/v1"})
+    response = client.post("/api/v1/publishers/register", headers=auth("publisher"),
+                           json={"llms": [LLM]})
+    assert response.status_code == 409
+    assert "public" in response.json["error"]["message"]
+
+
+@pytest.mark.parametrize("payload, field", [
+    ({"llms": [{**LLM, "kind": "public"}]}, "llms"),
+    ({"llms": [{**LLM, "name": "../etc"}]}, "llms"),
+    ({"llms": [LLM, LLM]}, "llms"),
+    ({"llms": [{**LLM, "initial_status": "inactive"}]}, "llms"),
+    ({"llms": [LLM], "session_id": "has spaces"}, "session_id"),
+    ({}, "llms"),
+])
+def test_register_validates_its_payload(client, auth, payload, field):
+    response = client.post("/api/v1/publishers/register", headers=auth("publisher"),
+                           json=payload)
+    assert response.status_code == 400
+    assert field in response.json["error"]["details"]
+
+
+def test_client_tokens_cannot_use_the_publisher_protocol(client, auth):
+    session_id = register(client, auth)["session_id"]
+    for response in (
+        client.post("/api/v1/publishers/register", headers=auth("client"), json={"llms": [LLM]}),
+        client.post(f"/api/v1/publishers/{session_id}/heartbeat", headers=auth("client")),
+        poll(client, auth("client"), session_id),
+        client.post("/api/v1/tasks/x/result", headers=auth("client"), json={"error": "x"}),
+        client.delete(f"/api/v1/publishers/{session_id}", headers=auth("client")),
+    ):
+        assert response.status_code == 403
+
+
+# -- heartbeat ----------------------------------------------------------------
+
+def test_heartbeat_of_an_unknown_session_is_404_so_the_publisher_registers_again(client, auth):
+    response = client.post("/api/v1/publishers/nope/heartbeat", headers=auth("publisher"))
+    assert response.status_code == 404
+
+
+def test_heartbeat_after_gc_deleted_the_rows_is_404(app, client, auth, runner):
+    session_id = register(client, auth)["session_id"]
+    with app.app_context():
+        db.session.execute(sa.update(Llm).values(status="inactive",
+                                                 inactive_since=utcnow() - timedelta(days=1)))
+        db.session.commit()
+    runner.invoke(args=["gc-sweep"])
+    response = client.post(f"/api/v1/publishers/{session_id}/heartbeat",
+                           headers=auth("publisher"))
+    assert response.status_code == 404
+
+
+def test_heartbeat_of_another_tokens_session_is_forbidden(client, auth, other_publisher):
+    session_id = register(client, auth)["session_id"]
+    response = client.post(f"/api/v1/publishers/{session_id}/heartbeat", headers=other_publisher)
+    assert response.status_code == 403
+
+
+def test_heartbeat_answers_ok(client, auth):
+    session_id = register(client, auth)["session_id"]
+    response = client.post(f"/api/v1/publishers/{session_id}/heartbeat",
+                           headers=auth("publisher"))
+    assert (response.status_code, response.json) == (200, {"ok": True})
+
+
+# -- poll ---------------------------------------------------------------------
+
+def test_poll_wait_is_capped_by_poll_wait_max(client, auth):
+    session_id = register(client, auth)["session_id"]
+    started = time.monotonic()
+    response = poll(client, auth("publisher"), session_id, wait=60)
+    assert (response.status_code, response.json) == (200, {"tasks": []})
+    assert time.monotonic() - started < 3  # POLL_WAIT_MAX is 1 s here
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", "inf", "nan"])
+def test_poll_rejects_a_bad_wait(client, auth, wait):
+    session_id = register(client, auth)["session_id"]
+    assert poll(client, auth("publisher"), session_id, wait=wait).status_code == 400
+
+
+def test_poll_of_unknown_or_foreign_session(client, auth, other_publisher):
+    session_id = register(client, auth)["session_id"]
+    assert poll(client, auth("publisher"), "unknown").status_code == 404
+    assert poll(client, other_publisher, session_id).status_code == 403
+
+
+# -- results and chunks -------------------------------------------------------
+
+def test_result_for_unknown_task_is_404(client, auth):
+    response = client.post("/api/v1/tasks/nope/result", headers=auth("publisher"),
+                           json={"status": 200, "body": {}})
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize("outcome", [{}, {"status": 200, "error": "x"}, {"status": "200"},
+                                     {"status": 99, "body": {}}, {"error": ""}])
+def test_result_body_must_be_one_outcome(client, auth, outcome):
+    response = client.post("/api/v1/tasks/nope/result", headers=auth("publisher"), json=outcome)
+    assert response.status_code == 400
+
+
+def test_result_statuses_passthrough_duplicate_and_foreign(app, client, auth, other_publisher):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth)
+    task = take_task(client, auth, session_id)
+    url = f"/api/v1/tasks/{task['task_id']}/result"
+    assert client.post(url, headers=other_publisher,
+                       json={"status": 200, "body": {}}).status_code == 403
+    assert client.post(url, headers=auth("publisher"),
+                       json={"status": 422, "body": {"detail": "bad"}}).status_code == 200
+    assert client.post(url, headers=auth("publisher"),
+                       json={"status": 200, "body": {}}).status_code == 409
+    thread.join(5)
+    assert (box["value"].status_code, box["value"].json) == (422, {"detail": "bad"})
+
+
+def test_publisher_error_is_a_502_carrying_its_message(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth)
+    task = take_task(client, auth, session_id)
+    client.post(f"/api/v1/tasks/{task['task_id']}/result", headers=auth("publisher"),
+                json={"error": "CUDA out of memory"})
+    thread.join(5)
+    assert box["value"].status_code == 502
+    assert "CUDA out of memory" in box["value"].json["error"]["message"]
+
+
+def test_chunks_after_the_client_went_away_are_410_and_the_publisher_gets_a_cancel(
+        app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth, {**ASK, "stream": True})
+    task = take_task(client, auth, session_id)
+    url = f"/api/v1/tasks/{task['task_id']}/chunks"
+    first = client.post(url, headers=auth("publisher"), json={"chunks": [{"data": "a"}],
+                                                              "seq": 0})
+    assert first.status_code == 200
+    thread.join(5)
+    box["value"].close()  # the client goes away mid-stream
+    second = client.post(url, headers=auth("publisher"), json={"chunks": [{"data": "b"}],
+                                                               "seq": 1})
+    assert second.status_code == 410
+    assert poll(client, auth("publisher"), session_id).json["tasks"] == [
+        {"kind": "cancel", "task_id": task["task_id"]}]
+
+
+# -- relay status codes ---------------------------------------------------------
+
+def test_infer_with_no_live_session_is_503_at_once(app, client, auth):
+    with app.app_context():
+        db.session.add(Llm(name="vllm-local", model="m", kind="virtual", status="active",
+                           provider_session_id="gone", last_heartbeat_at=utcnow()))
+        db.session.commit()
+    started = time.monotonic()
+    response = client.post("/api/v1/llms/vllm-local/infer", headers=auth("client"), json=ASK)
+    assert response.status_code == 503
+    assert response.json["error"]["code"] == "publisher_offline"
+    assert time.monotonic() - started < 1
+
+
+def test_task_not_picked_up_is_504(client, auth):
+    register(client, auth)  # registered, counted live, but never polls
+    response = client.post("/api/v1/llms/vllm-local/infer", headers=auth("client"), json=ASK)
+    assert response.status_code == 504
+    assert response.json["error"]["code"] == "pickup_timeout"
+
+
+@pytest.mark.parametrize("app_config", [{"MAX_PENDING_PER_LLM": 1, "TASK_PICKUP_TIMEOUT": 2}])
+def test_too_many_waiting_requests_is_429(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth)
+    task = take_task(client, auth, session_id)  # the first request is now in flight
+    response = client.post("/api/v1/llms/vllm-local/infer", headers=auth("client"), json=ASK)
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "1"
+    client.post(f"/api/v1/tasks/{task['task_id']}/result", headers=auth("publisher"),
+                json={"status": 200, "body": {}})
+    thread.join(5)
+
+
+def test_disconnect_makes_rows_inactive_and_infer_503(client, auth):
+    session_id = register(client, auth)["session_id"]
+    assert client.delete(f"/api/v1/publishers/{session_id}",
+                         headers=auth("publisher")).status_code == 204
+    view = client.get("/api/v1/llms/vllm-local", headers=auth("client")).json
+    assert view["status"] == "inactive"
+    response = client.post("/api/v1/llms/vllm-local/infer", headers=auth("client"), json=ASK)
+    assert response.status_code == 503
+    assert "inactive" in response.json["error"]["message"]
+
+
+def test_maps_are_empty_after_every_path(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth)  # answered
+    task = take_task(client, auth, session_id)
+    client.post(f"/api/v1/tasks/{task['task_id']}/result", headers=auth("publisher"),
+                json={"status": 200, "body": {}})
+    thread.join(5)
+    client.post("/api/v1/llms/vllm-local/infer", headers=auth("client"), json=ASK)  # 504
+    thread, box = infer_in_background(app, auth)  # disconnected mid-request
+    take_task(client, auth, session_id)
+    client.delete(f"/api/v1/publishers/{session_id}", headers=auth("publisher"))
+    thread.join(5)
+    assert box["value"].status_code == 503
+    stats = app.extensions["task_bus"].stats()
+    assert (stats["tasks"], stats["pending"], stats["queued"]) == (0, 0, 0)
+
+
+# -- gc-sweep -----------------------------------------------------------------
+
+def test_gc_sweep_json_prints_totals_and_per_table_counts(app, client, auth, runner):
+    register(client, auth)
+    with app.app_context():
+        db.session.execute(sa.update(Llm).values(last_heartbeat_at=utcnow() - timedelta(
+            minutes=10)))
+        db.session.commit()
+    result = runner.invoke(args=["gc-sweep", "--json"])
+    assert result.exit_code == 0
+    assert result.output.count("\n") == 1
+    assert json.loads(result.output) == {
+        "marked_inactive": 1, "deleted": 0,
+        "llms": {"marked_inactive": 1, "deleted": 0},
+        "agents": {"marked_inactive": 0, "deleted": 0}}
+
+
+def test_gc_sweep_options_override_the_settings(client, auth, runner):
+    register(client, auth)
+    args = ["gc-sweep", "--json", "--heartbeat-timeout", "0", "--retention", "0"]
+    time.sleep(0.01)
+    first = json.loads(runner.invoke(args=args).output)
+    time.sleep(0.01)
+    second = json.loads(runner.invoke(args=args).output)
+    assert first["llms"] == {"marked_inactive": 1, "deleted": 0}
+    assert second["llms"] == {"marked_inactive": 0, "deleted": 1}
