@@ -67,3 +67,66 @@ def tokens(app):
 def auth(tokens):
     """auth('client') → the Authorization header for that role's token."""
     return lambda role: {"Authorization": f"Bearer {tokens[role]}"}
+
+
+# -- live servers (gunicorn + gevent on a free loopback port) -----------------
+
+def _live_server_factory(tmp_path):
+    from tests.support.live import start_server
+
+    started = []
+
+    def start(env=None):
+        server = start_server(tmp_path, env)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def live_server_factory(tmp_path):
+    """start(env=None) → a LiveServer with these extra environment settings;
+    every server started is stopped at teardown."""
+    yield from _live_server_factory(tmp_path)
+
+
+@pytest.fixture
+def live_server(live_server_factory):
+    """A LiveServer with default settings, for this test alone."""
+    return live_server_factory()
+
+
+@pytest.fixture(scope="module")
+def module_live_server_factory(tmp_path_factory):
+    """Like live_server_factory, shared by a module's tests."""
+    yield from _live_server_factory(tmp_path_factory.mktemp("live"))
+
+
+@pytest.fixture(scope="module")
+def module_live_server(module_live_server_factory):
+    """One LiveServer with default settings for the whole module: tests sharing
+    it must not depend on each other's rows (use distinct names)."""
+    return module_live_server_factory()
+
+
+@pytest.fixture
+def fake_openai():
+    """A FakeOpenAI upstream for this test."""
+    from tests.support.fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def module_fake_openai():
+    """One FakeOpenAI for the module; `reset()` between tests is the test's job."""
+    from tests.support.fake_openai import FakeOpenAI
+
+    with FakeOpenAI() as fake:
+        yield fake

@@ -1,0 +1,173 @@
+"""A real Switchboard: `flask db upgrade` on a temp SQLite file, three tokens,
+then gunicorn with the gevent worker on a free loopback port.
+
+    server = start_server(tmp_path, env={"SWITCHBOARD_TASK_PICKUP_TIMEOUT": "1"})
+    requests.get(server.url + "/api/v1/llms", headers=server.headers("client"))
+    server.flask("tokens", "revoke", "client")
+    server.stop()
+
+The tokens are named after their roles (`admin`, `publisher`, `client`).
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import http.client
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROLES = ("admin", "publisher", "client")
+STARTUP_TIMEOUT = 15.0
+# Several servers may run at once: no shared control socket in $HOME.
+GUNICORN_ARGS = ("--no-control-socket",)
+# An idle keep-alive connection holds a graceful stop for the whole graceful
+# timeout; tests want it short (pass GUNICORN_CMD_ARGS in `env` to change it).
+DEFAULT_GUNICORN_CMD_ARGS = "--graceful-timeout 2"
+# Settings of the outer environment must not leak into a test server.
+_SCRUBBED_PREFIXES = ("SWITCHBOARD_",)
+_SCRUBBED = {"DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "HOST", "PORT", "ACCESS_LOG",
+             "GUNICORN_CMD_ARGS", "FLASK_APP"}
+
+
+def venv_bin() -> Path:
+    """The bin directory holding `flask` and `gunicorn`: the repo's venv, else ours."""
+    repo_venv = REPO_ROOT / ".venv" / "bin"
+    return repo_venv if (repo_venv / "flask").exists() else Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CommandError(subprocess.CalledProcessError):
+    def __str__(self):
+        return f"{super().__str__()}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class LiveServer:
+    def __init__(self, *, port, db_url, tokens, env, process, log_path):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.db_url = db_url
+        self.tokens = tokens
+        self.env = env
+        self.process = process
+        self.log_path = log_path
+
+    def headers(self, role: str) -> dict:
+        return {"Authorization": f"Bearer {self.tokens[role]}"}
+
+    def flask(self, *args, check=True) -> subprocess.CompletedProcess:
+        """Run `flask ARGS...` against this server's database."""
+        return run_flask(self.env, *args, check=check)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (gunicorn's graceful stop), then SIGKILL of its process group."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout)
+
+    def __repr__(self):
+        return f"LiveServer({self.url})"
+
+
+def run_flask(env: dict, *args, check=True) -> subprocess.CompletedProcess:
+    cmd = [str(venv_bin() / "flask"), *args]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    if check and result.returncode != 0:
+        raise CommandError(result.returncode, cmd, result.stdout, result.stderr)
+    return result
+
+
+def server_env(db_url: str, port: int, extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)}
+    env.update({"FLASK_APP": "wsgi", "DATABASE_URL": db_url, "HOST": "127.0.0.1",
+                "PORT": str(port), "PYTHONUNBUFFERED": "1",
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                "GUNICORN_CMD_ARGS": DEFAULT_GUNICORN_CMD_ARGS})
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+def create_tokens(env: dict) -> dict:
+    """One token per role, named after it; the three commands run at once."""
+    cmd = str(venv_bin() / "flask")
+    procs = {role: subprocess.Popen([cmd, "tokens", "create", role, "--role", role],
+                                    cwd=REPO_ROOT, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for role in ROLES}
+    tokens = {}
+    for role, proc in procs.items():
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode != 0:
+            raise CommandError(proc.returncode, proc.args, out, err)
+        tokens[role] = out.strip()
+    return tokens
+
+
+def start_server(tmp_path, env=None) -> LiveServer:
+    """Migrate a fresh SQLite file, create the tokens and start gunicorn; return
+    once `/healthz` answers. Raises ServerStartError with the log's tail."""
+    tmp_path = Path(tmp_path)
+    port = free_port()
+    db_path = tmp_path / f"switchboard-{port}.db"
+    db_url = f"sqlite:///{db_path}"
+    full_env = server_env(db_url, port, env)
+    run_flask(full_env, "db", "upgrade")
+    log_path = tmp_path / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(venv_bin() / "gunicorn"), "-c", "gunicorn.conf.py", *GUNICORN_ARGS, "wsgi:app"],
+            cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group: stop() can kill the worker too
+    server = LiveServer(port=port, db_url=db_url, tokens={}, env=full_env, process=process,
+                        log_path=log_path)
+    try:
+        server.tokens.update(create_tokens(full_env))  # while gunicorn boots
+        _wait_healthy(server)
+    except BaseException:
+        server.stop(timeout=2.0)
+        raise
+    return server
+
+
+def _wait_healthy(server: LiveServer) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerStartError(f"gunicorn exited with {server.process.returncode}:\n"
+                                   f"{_tail(server.log_text())}")
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=1)
+        try:
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        time.sleep(0.05)
+    raise ServerStartError(f"{server.url}/healthz did not answer within {STARTUP_TIMEOUT:g} s:\n"
+                           f"{_tail(server.log_text())}")
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
