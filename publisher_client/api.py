@@ -1,0 +1,116 @@
+"""The Switchboard side of the publisher protocol, one method per endpoint.
+
+Errors come back as exceptions: ServerUnavailable (unreachable, timed out,
+5xx: retry later), SessionNotFound (register again), TaskGone (stop work on
+the task), ServerError (anything else; not worth retrying).
+"""
+import logging
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from publisher_client import __version__
+from publisher_client.errors import ServerError, ServerUnavailable, SessionNotFound, TaskGone
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+# The server holds a poll up to `wait` seconds; give it room to answer.
+POLL_READ_MARGIN = 10.0
+
+
+class SwitchboardAPI:
+    def __init__(self, server: str, token: str, connect_timeout=CONNECT_TIMEOUT,
+                 read_timeout=READ_TIMEOUT):
+        self.base = f"{server.rstrip('/')}/api/v1"
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        # trust_env stays True (the default): HTTPS_PROXY, HTTP_PROXY and
+        # NO_PROXY are honoured, which is how publishers behind a proxy get out.
+        self.http = requests.Session()
+        # Poll, heartbeat, results and chunk posts of concurrent tasks share
+        # the pool; the default of 10 would drop connections under load.
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=64)
+        self.http.mount("http://", adapter)
+        self.http.mount("https://", adapter)
+        self.http.headers.update({"Authorization": f"Bearer {token}",
+                                  "User-Agent": f"switchboard-publisher/{__version__}"})
+
+    def register(self, session_id: str | None, llms: list[dict], agents: list[dict]) -> dict:
+        """Publish LLMs and agents; returns {session_id, llms, agents}.
+        Raises ServerError (403 when another token owns `session_id`, 409 on
+        a name conflict) or ServerUnavailable."""
+        payload = {"session_id": session_id, "llms": llms}
+        if agents:
+            payload["agents"] = agents
+        return self._call("POST", "/publishers/register", json=payload, expect=201)
+
+    def heartbeat(self, session_id: str):
+        """Raises SessionNotFound when the server has forgotten the session."""
+        self._call("POST", f"/publishers/{session_id}/heartbeat", json={},
+                   not_found=SessionNotFound)
+
+    def poll(self, session_id: str, wait: float) -> list[dict]:
+        """Wait up to `wait` seconds for tasks. Raises SessionNotFound."""
+        reply = self._call("GET", f"/publishers/{session_id}/tasks", params={"wait": wait},
+                           read_timeout=wait + POLL_READ_MARGIN, not_found=SessionNotFound)
+        return reply.get("tasks") or []
+
+    def post_result(self, task_id: str, outcome: dict):
+        """`outcome` is {status, body} or {error}. Raises TaskGone (404, 410);
+        409 (already completed) is a ServerError."""
+        self._call("POST", f"/tasks/{task_id}/result", json=outcome, not_found=TaskGone)
+
+    def post_chunks(self, task_id: str, chunks: list[str], seq: int, done: bool = False):
+        """Post one batch of SSE payloads starting at stream index `seq`.
+        Raises TaskGone when the client went away (410) or the task is unknown."""
+        payload = {"chunks": [{"data": data} for data in chunks], "seq": seq}
+        if done:
+            payload["done"] = True
+        self._call("POST", f"/tasks/{task_id}/chunks", json=payload, not_found=TaskGone)
+
+    def disconnect(self, session_id: str):
+        """End the session: the server marks our rows inactive at once."""
+        self._call("DELETE", f"/publishers/{session_id}", expect=204, not_found=SessionNotFound)
+
+    def close(self):
+        self.http.close()
+
+    def _call(self, method, path, *, expect=200, read_timeout=None, not_found=ServerError,
+              **kwargs):
+        timeout = (self.connect_timeout, read_timeout or self.read_timeout)
+        try:
+            response = self.http.request(method, self.base + path, timeout=timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise ServerUnavailable(f"{method} {path}: {_short(exc)}") from None
+        if response.status_code == expect:
+            return response.json() if response.content else {}
+        message, code = _error_of(response)
+        text = f"{method} {path}: {response.status_code} {message}"
+        status = response.status_code
+        if status >= 500:
+            raise ServerUnavailable(text, status, code)
+        if status == 404:
+            raise not_found(text, status, code)
+        if status == 410:
+            raise TaskGone(text, status, code)
+        raise ServerError(text, status, code)
+
+
+def _error_of(response) -> tuple[str, str | None]:
+    """The message and code of the server's error envelope, or the raw text."""
+    try:
+        error = response.json()["error"]
+        return str(error.get("message", "")), error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return response.text[:200].strip() or response.reason or "", None
+
+
+def _short(exc: Exception) -> str:
+    """requests' messages nest urllib3's; the innermost reason is the useful part."""
+    reason = exc
+    while reason.args and isinstance(reason.args[0], Exception):
+        reason = reason.args[0]
+    reason = getattr(reason, "reason", reason)
+    return f"{type(exc).__name__}: {reason}"

@@ -1,0 +1,344 @@
+"""The publisher: register, heartbeat, long-poll, run tasks, disconnect.
+
+Threads: the caller's thread registers and long-polls; a timer thread
+heartbeats; every task runs in a thread of its own, and an LLM's infer
+tasks take one of its `max_concurrency` slots first (the rest wait in
+line). They are daemon threads, so a backend that never answers cannot hold
+up the exit. A cancel task (or a 410 from the server) aborts the matching
+backend request at once.
+"""
+import functools
+import logging
+import threading
+import time
+
+from publisher_client.api import SwitchboardAPI
+from publisher_client.backends import DONE, Aborted, Call, create_backend
+from publisher_client.backoff import Backoff
+from publisher_client.config import Config, LlmConfig
+from publisher_client.errors import (BackendUnavailable, PublisherError, ServerError,
+                                     ServerUnavailable, SessionNotFound, TaskGone, WakeError)
+from publisher_client.session_file import load_session_id, save_session_id
+from publisher_client.streaming import ChunkStream
+from publisher_client.wake import Waker
+
+log = logging.getLogger(__name__)
+
+RESULT_ATTEMPTS = 6
+WAKE_HEARTBEAT_SECONDS = 5.0   # while a slow backend boots, keep the rows fresh
+
+
+class LocalLlm:
+    """A published LLM: its config, its backend, its wake recipe and workers."""
+
+    def __init__(self, config: LlmConfig, on_wake_tick):
+        self.config = config
+        self.name = config.name
+        self.backend = create_backend(config)
+        self.waker = (Waker(config.name, self.backend, config.wake, on_tick=on_wake_tick)
+                      if config.wake else None)
+        self.slots = threading.BoundedSemaphore(config.max_concurrency)
+
+    def register_item(self) -> dict:
+        """This LLM as the server's register payload wants it. The seed's
+        rule: hibernating only when a wake recipe exists and the backend is down."""
+        item = {"name": self.name, "type": self.config.type, "model": self.config.model}
+        for key in ("tier", "description", "extra_config"):
+            if getattr(self.config, key) is not None:
+                item[key] = getattr(self.config, key)
+        asleep = self.waker is not None and not _safely(self.backend.available)
+        item["initial_status"] = "hibernating" if asleep else "active"
+        return item
+
+
+def _safely(probe) -> bool:
+    try:
+        return bool(probe())
+    except Exception:  # the seed's rule: a probe that throws means "not available"
+        return False
+
+
+class Publisher:
+    def __init__(self, config: Config, api: SwitchboardAPI | None = None, backoff=None):
+        self.config = config
+        self.api = api or SwitchboardAPI(config.server, config.token)
+        self.stopping = threading.Event()
+        self.backoff = backoff or Backoff(sleep=self.stopping.wait)
+        self.llms = {llm.name: LocalLlm(llm, self._heartbeat_while_waking)
+                     for llm in config.llms}
+        self.session_id: str | None = None
+        self.generation = 0          # bumped by every successful register
+        self.registered = False
+        self._register_lock = threading.Lock()
+        self._calls: dict[str, Call] = {}
+        self._calls_lock = threading.Lock()
+        self._last_heartbeat = 0.0
+        self._heartbeat_thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self):
+        """Register, then heartbeat and long-poll until stop() (or
+        KeyboardInterrupt); then disconnect. Raises ServerError when the
+        server refuses us for good (bad token, name taken)."""
+        try:
+            if not self.connect():
+                return
+            self._heartbeat_thread = _spawn(self._heartbeat_loop, name="heartbeat")
+            self._poll_loop()
+        finally:
+            self.shutdown()
+
+    def stop(self):
+        """Ask run() to return (after the poll in flight)."""
+        self.stopping.set()
+
+    def register(self) -> str:
+        """Publish the LLMs and agents once, under the sticky session id.
+        Raises ServerUnavailable (retry) or ServerError (give up)."""
+        session_id = self.session_id or load_session_id(self.config.session_file,
+                                                        self.config.server)
+        llms = [llm.register_item() for llm in self.llms.values()]
+        agents = [dict(agent) for agent in self.config.agents]
+        try:
+            reply = self.api.register(session_id, llms, agents)
+        except ServerError as exc:
+            if exc.status != 403 or session_id is None:
+                raise
+            # The saved id belongs to another token (a copied file, a new token).
+            log.warning("session %s belongs to another token; starting a new session",
+                        session_id)
+            reply = self.api.register(None, llms, agents)
+        self.session_id = reply["session_id"]
+        self.generation += 1
+        self.registered = True
+        save_session_id(self.config.session_file, self.config.server, self.session_id)
+        statuses = ", ".join(f"{row['name']} ({row.get('status', '?')})"
+                             for row in reply.get("llms") or [])
+        log.info("registered session %s: LLMs %s; %d agent(s)", self.session_id,
+                 statuses or "none", len(reply.get("agents") or []))
+        return self.session_id
+
+    def connect(self) -> bool:
+        """register(), retrying with backoff while the server is unreachable.
+        Returns False when stop() came first."""
+        while not self.stopping.is_set():
+            try:
+                self.register()
+            except ServerUnavailable as exc:
+                self._wait_for_server(exc)
+                continue
+            self._recovered()
+            return True
+        return False
+
+    def shutdown(self):
+        """Stop polling, abort running backend requests, end the session."""
+        self.stopping.set()
+        with self._calls_lock:
+            calls = list(self._calls.values())
+        for call in calls:
+            call.abort()
+        if self.registered and self.session_id:
+            try:
+                self.api.disconnect(self.session_id)
+                log.info("disconnected session %s", self.session_id)
+            except PublisherError as exc:
+                log.warning("could not disconnect session %s: %s", self.session_id, exc)
+            self.registered = False
+
+    # -- the poll loop and the heartbeat --------------------------------------
+
+    def _poll_loop(self):
+        while not self.stopping.is_set():
+            generation, session_id = self.generation, self.session_id
+            try:
+                tasks = self.api.poll(session_id, self.config.poll_wait_seconds)
+            except SessionNotFound:
+                self._register_again(generation)
+                continue
+            except ServerUnavailable as exc:
+                self._wait_for_server(exc)
+                continue
+            self._recovered()
+            for task in tasks:
+                self.dispatch(task)
+
+    def _heartbeat_loop(self):
+        while not self.stopping.wait(self.config.heartbeat_seconds):
+            self.heartbeat()
+
+    def heartbeat(self):
+        generation, session_id = self.generation, self.session_id
+        try:
+            self.api.heartbeat(session_id)
+            self._last_heartbeat = time.monotonic()
+        except SessionNotFound:
+            self._register_again(generation)
+        except ServerUnavailable as exc:
+            log.debug("heartbeat failed: %s", exc)   # the poll loop reports outages
+        except ServerError as exc:
+            log.warning("heartbeat refused: %s", exc)
+
+    def _heartbeat_while_waking(self):
+        if time.monotonic() - self._last_heartbeat >= WAKE_HEARTBEAT_SECONDS:
+            self.heartbeat()
+
+    def _register_again(self, generation: int):
+        """The server forgot our session (restart, GC): register again, once
+        for all the threads that noticed."""
+        with self._register_lock:
+            if self.generation != generation or self.stopping.is_set():
+                return
+            log.warning("server does not know session %s; registering again", self.session_id)
+            self.connect()
+
+    def _wait_for_server(self, exc: Exception):
+        delay = self.backoff.next_delay()
+        log.warning("cannot reach server (%s); retrying in %.1f s", exc, delay)
+        self.backoff.sleep(delay)
+
+    def _recovered(self):
+        if self.backoff.failing:
+            log.info("reconnected to server")
+            self.backoff.reset()
+
+    # -- tasks ----------------------------------------------------------------
+
+    def dispatch(self, task: dict):
+        """Start one task from a poll without blocking the poll loop."""
+        kind, task_id = task.get("kind"), task.get("task_id")
+        if not task_id:
+            log.warning("ignoring a task without task_id: %r", task)
+            return
+        if kind == "cancel":
+            with self._calls_lock:
+                call = self._calls.get(task_id)
+            if call is not None:
+                log.info("task %s cancelled by the server", task_id)
+                call.abort()
+            return
+        llm = self.llms.get(task.get("llm"))
+        if llm is None or kind not in ("infer", "wake"):
+            what = f"LLM '{task.get('llm')}' is not published here" if llm is None \
+                else f"unknown task kind {kind!r}"
+            log.warning("task %s: %s", task_id, what)
+            _spawn(self._post_result, task_id, {"error": what}, name=f"task-{task_id}")
+            return
+        if kind == "wake":
+            _spawn(self._run_wake, llm, task_id, name=f"wake-{task_id}")
+            return
+        call = Call()
+        with self._calls_lock:
+            self._calls[task_id] = call
+        _spawn(self._run_infer, llm, task, call, name=f"infer-{task_id}")
+
+    def _run_wake(self, llm: LocalLlm, task_id: str):
+        if llm.waker is None:
+            self._post_result(task_id, {"error": f"LLM '{llm.name}' has no wake recipe"})
+            return
+        try:
+            ms = llm.waker.wake()
+        except WakeError as exc:
+            log.warning("task %s: waking %s failed: %s", task_id, llm.name, exc)
+            self._post_result(task_id, {"error": str(exc)})
+            return
+        self.heartbeat()
+        self._post_result(task_id, {"status": 200, "body": {"ok": True, "ms": ms}})
+
+    def _run_infer(self, llm: LocalLlm, task: dict, call: Call):
+        with llm.slots:
+            self._infer(llm, task, call)
+
+    def _infer(self, llm: LocalLlm, task: dict, call: Call):
+        task_id, started = task["task_id"], time.monotonic()
+        streaming = bool(task.get("streaming"))
+        body = {**(task.get("body") or {}), "stream": streaming}
+        try:
+            call.check()   # cancelled while waiting for a slot
+            answer = self._answer(llm, body, streaming, call)
+            if answer.chunks is None:
+                self._post_result(task_id, {"status": answer.status, "body": answer.body})
+                log.info("task %s (%s) done in %d ms: status %d", task_id, llm.name,
+                         _ms_since(started), answer.status)
+            else:
+                self._relay_stream(task_id, llm, answer.chunks, call, started)
+        except Aborted:
+            log.info("task %s (%s) stopped after %d ms: the client went away", task_id,
+                     llm.name, _ms_since(started))
+        except (BackendUnavailable, WakeError) as exc:
+            log.warning("task %s (%s) failed: %s", task_id, llm.name, exc)
+            self._post_result(task_id, {"error": str(exc)})
+        except Exception:
+            log.exception("task %s (%s) failed", task_id, llm.name)
+            self._post_result(task_id, {"error": "the publisher failed on this task"})
+        finally:
+            with self._calls_lock:
+                self._calls.pop(task_id, None)
+
+    def _answer(self, llm: LocalLlm, body, streaming, call):
+        """Ask the backend; when it is down and has a wake recipe, wake it
+        first and ask again."""
+        try:
+            return llm.backend.answer(body, streaming, call)
+        except BackendUnavailable:
+            if llm.waker is None:
+                raise
+            llm.waker.wake()
+            call.check()
+            return llm.backend.answer(body, streaming, call)
+
+    def _relay_stream(self, task_id, llm, chunks, call, started):
+        stream = ChunkStream(functools.partial(self.api.post_chunks, task_id),
+                             on_gone=call.abort)
+        last = None
+        try:
+            for data in chunks:
+                stream.put(data)
+                last = data
+            if last != DONE:   # the server expects the stream to end with [DONE]
+                stream.put(DONE)
+        except BackendUnavailable:
+            stream.finish(done=False)   # the client keeps what it has, then gets the error
+            raise
+        except BaseException:
+            stream.cancel()
+            raise
+        finally:
+            chunks.close()
+        if stream.finish(done=True):
+            log.info("task %s (%s, stream) done in %d ms: %d chunks in %d posts", task_id,
+                     llm.name, _ms_since(started), stream.sent, stream.posts)
+        else:
+            log.info("task %s (%s, stream) stopped after %d ms: the client went away",
+                     task_id, llm.name, _ms_since(started))
+
+    def _post_result(self, task_id: str, outcome: dict):
+        backoff = Backoff(base=0.25, cap=10.0, sleep=self.stopping.wait)
+        for attempt in range(1, RESULT_ATTEMPTS + 1):
+            try:
+                self.api.post_result(task_id, outcome)
+                return
+            except TaskGone:
+                log.info("task %s: the server no longer wants this result", task_id)
+                return
+            except ServerUnavailable as exc:
+                if attempt == RESULT_ATTEMPTS or self.stopping.is_set():
+                    log.warning("task %s: giving up on posting the result: %s", task_id, exc)
+                    return
+                backoff.wait()
+            except ServerError as exc:
+                if exc.status == 409 and attempt > 1:   # our earlier attempt got through
+                    return
+                log.warning("task %s: result refused: %s", task_id, exc)
+                return
+
+
+def _spawn(target, *args, name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
