@@ -1,0 +1,129 @@
+"""Agents: an LLM plus a persona (system prompt, default params, personalities).
+
+CRUD for operators; publishers' virtual agents come in through
+services/lifecycle.register. Services flush; views commit.
+"""
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.orm.exc import StaleDataError
+
+from models import Agent, Kind, Llm, Status
+from services import personalities, projects, registry
+from services.errors import Conflict, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def list_agents(session) -> list[Agent]:
+    return list(session.scalars(sa.select(Agent).order_by(Agent.name)))
+
+
+def list_usable_agents(session) -> list[Agent]:
+    """Agents a client can talk to now or after a wake: neither the agent nor
+    its LLM is inactive."""
+    return list(session.scalars(
+        sa.select(Agent).join(Agent.llm)
+        .where(Agent.status != Status.INACTIVE, Llm.status != Status.INACTIVE)
+        .order_by(Agent.name)))
+
+
+def get_agent(session, name: str) -> Agent:
+    """The agent called `name`. Raises NotFound."""
+    agent = session.scalar(sa.select(Agent).where(Agent.name == name))
+    if agent is None:
+        raise NotFound(f"Agent '{name}' not found", code="agent_not_found")
+    return agent
+
+
+def get_usable_agent(session, name: str) -> Agent:
+    """The agent, if a chat can use it: a virtual agent whose publisher went
+    away is not. Raises NotFound, Unavailable."""
+    agent = get_agent(session, name)
+    if agent.status == Status.INACTIVE:
+        raise Unavailable(f"Virtual agent '{name}' is inactive; publisher offline",
+                          code="publisher_offline")
+    return agent
+
+
+def create_agent(session, data: dict, owner: str) -> Agent:
+    """Insert a public agent owned by the token `owner`. Raises NotFound (its
+    LLM, project or default personality), Conflict (name taken)."""
+    data = dict(data)
+    agent = Agent(kind=Kind.PUBLIC, status=Status.ACTIVE, owner=owner)
+    if session.scalar(sa.select(Agent.id).where(Agent.name == data["name"])):
+        raise Conflict(f"Agent name '{data['name']}' is taken", code="name_taken")
+    _apply(session, agent, data)
+    session.add(agent)
+    projects.flush_or_conflict(session, f"Agent name '{data['name']}' is taken")
+    log.info("created agent %s on LLM %s", agent.name, agent.llm.name)
+    return agent
+
+
+def update_agent(session, name: str, data: dict) -> Agent:
+    """Apply a partial update (`null` clears project, default_personality,
+    proxy_model_name). With `version`, the row must still be at that version.
+    Raises NotFound, Conflict (version mismatch)."""
+    agent = get_agent(session, name)
+    data = dict(data)
+    expected = data.pop("version", None)
+    if expected is not None and expected != agent.version:
+        raise Conflict(f"Agent '{name}' is at version {agent.version}, not {expected}",
+                       code="version_conflict", details={"version": agent.version})
+    _apply(session, agent, data)
+    try:
+        session.flush()
+    except StaleDataError:
+        session.rollback()
+        raise Conflict(f"Agent '{name}' was changed concurrently",
+                       code="version_conflict") from None
+    return agent
+
+
+def delete_agent(session, name: str) -> None:
+    """Delete an agent with its personalities, own prompts and chat threads.
+    Raises NotFound."""
+    session.delete(get_agent(session, name))
+    session.flush()
+    log.info("deleted agent %s", name)
+
+
+def persona(session, agent: Agent, personality: str | None = None) -> tuple[str, dict]:
+    """The agent's system text (its system prompt, then the prompts of
+    `personality`, else of its default personality) and its default params.
+    Raises NotFound (personality)."""
+    chosen = (personalities.get_personality(session, agent, personality)
+              if personality else agent.default_personality)
+    parts = [agent.system_prompt] + ([p.content for p in chosen.prompts] if chosen else [])
+    return "\n\n".join(part for part in parts if part and part.strip()), dict(
+        agent.default_params or {})
+
+
+def through_agent(session, name: str, body: dict) -> tuple[str, dict]:
+    """A stateless chat-completions call through agent `name`: the LLM to run
+    it on, and the body with the agent's system text first and its default
+    params under the body's own. Raises NotFound, Unavailable."""
+    agent = get_usable_agent(session, name)
+    system, defaults = persona(session, agent)
+    body = {**defaults, **{k: v for k, v in body.items() if k != "model"}}
+    if system:
+        body["messages"] = [{"role": "system", "content": system}, *body["messages"]]
+    return agent.llm.name, body
+
+
+def _apply(session, agent, data):
+    """Set the fields of `data`, resolving names to rows."""
+    if "llm" in data:
+        agent.llm = registry.get_llm(session, data.pop("llm"))
+    if "project" in data:
+        name = data.pop("project")
+        agent.project = projects.get_project(session, name) if name else None
+    if "default_personality" in data:
+        name = data.pop("default_personality")
+        if name and agent.id is None:
+            raise NotFound(f"Personality '{name}' not found: a new agent has none yet",
+                           code="personality_not_found")
+        agent.default_personality = (
+            personalities.get_personality(session, agent, name) if name else None)
+    for key, value in data.items():
+        setattr(agent, key, value)
