@@ -1,4 +1,7 @@
 """The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
+import select
+import socket
+
 from flask import Blueprint, current_app, request
 
 from blueprints.common import caller, json_body, require
@@ -41,7 +44,7 @@ def poll(session_id):
     wait = _wait_seconds(request.args.get("wait"))
     lifecycle.owned_session(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the long-poll
-    return {"tasks": bus().poll(session_id, wait)}
+    return {"tasks": bus().poll(session_id, wait, _peer_connected(request.environ))}
 
 
 @bp.delete("/publishers/<session_id>")
@@ -73,6 +76,22 @@ def post_chunks(task_id):
     bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
                       data["done"])
     return {"accepted": True}
+
+
+def _peer_connected(environ):
+    """A check that the publisher still holds this connection (gunicorn only):
+    tasks are not handed to a poll whose publisher hung up or was killed."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def connected():
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return not readable or sock.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+    return connected
 
 
 def _wait_seconds(raw) -> float:

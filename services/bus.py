@@ -85,9 +85,11 @@ class TaskBus(abc.ABC):
     # -- publisher side ----------------------------------------------------
 
     @abc.abstractmethod
-    def poll(self, session_id: str, wait: float) -> list[dict]:
+    def poll(self, session_id: str, wait: float, connected=None) -> list[dict]:
         """Hand over the session's queued tasks, waiting up to `wait` seconds
-        for the first one. Marks the session live while held."""
+        for the first one. Marks the session live while held. `connected()`,
+        when given, is asked right before a hand-over: a poll whose publisher
+        has hung up returns [] and leaves the tasks queued for the next one."""
 
     @abc.abstractmethod
     def task_info(self, task_id: str) -> dict:

@@ -173,7 +173,7 @@ class MemoryTaskBus(TaskBus):
 
     # -- publisher side ----------------------------------------------------
 
-    def poll(self, session_id, wait):
+    def poll(self, session_id, wait, connected=None):
         with self._lock:
             session = self._session(session_id, self.clock())
             session.polls_held += 1
@@ -182,6 +182,8 @@ class MemoryTaskBus(TaskBus):
             while True:
                 with self._lock:
                     now = self.clock()
+                    if session.queue and connected is not None and not connected():
+                        return []
                     handed = self._hand_over(session, now) if session.queue else None
                     if handed:
                         return handed

@@ -222,3 +222,10 @@ def test_hundred_concurrent_waiters_each_get_their_own_outcome(bus):
     for thread in clients:
         thread.join(5)
     assert results == {n: {"status": 200, "body": {"n": n}} for n in range(100)}
+
+
+def test_poll_whose_publisher_hung_up_leaves_the_task_queued(bus):
+    task_id = submit(bus)
+    assert bus.poll(SID, wait=0, connected=lambda: False) == []
+    assert [t["task_id"] for t in bus.poll(SID, wait=0, connected=lambda: True)] == [task_id]
+    bus.release(task_id)
