@@ -28,8 +28,11 @@ def register_extensions(app):
     from services.relay import Relay
 
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
+    # A database error's message would otherwise quote the statement's
+    # parameters, an LLM's api_key among them, into logs.
+    options.setdefault("hide_parameters", True)
     if uri.startswith("sqlite"):
-        options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
         options.setdefault("connect_args", {}).setdefault("timeout", 15)
     db.init_app(app)
     migrate.init_app(app, db, render_as_batch=True)
