@@ -108,10 +108,12 @@ class Relay:
         keep-alive interval), so early failures keep their HTTP status."""
         events = self._stream_events(target, body)
         try:
-            first = next(events)
+            first = next(events, None)
         except BaseException:
             events.close()
             raise
+        if first is None:  # the publisher ended the stream without a chunk
+            return Reply(200, stream=iter((SSE_DONE,)), content_type="text/event-stream")
         if first[0] == "outcome":
             events.close()
             return self._outcome_reply(target, first[1])

@@ -320,3 +320,25 @@ def test_gc_sweep_options_override_the_settings(client, auth, runner):
     second = json.loads(runner.invoke(args=args).output)
     assert first["llms"] == {"marked_inactive": 1, "deleted": 0}
     assert second["llms"] == {"marked_inactive": 0, "deleted": 1}
+
+
+def test_stream_ended_without_any_chunk_is_just_done(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth, {**ASK, "stream": True})
+    task = take_task(client, auth, session_id)
+    client.post(f"/api/v1/tasks/{task['task_id']}/chunks", headers=auth("publisher"),
+                json={"chunks": [], "done": True})
+    thread.join(5)
+    assert box["value"].status_code == 200
+    assert box["value"].get_data() == b"data: [DONE]\n\n"
+
+
+def test_streaming_request_answered_with_a_result_keeps_its_status(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = infer_in_background(app, auth, {**ASK, "stream": True})
+    task = take_task(client, auth, session_id)
+    client.post(f"/api/v1/tasks/{task['task_id']}/result", headers=auth("publisher"),
+                json={"status": 400, "body": {"error": {"message": "bad temperature"}}})
+    thread.join(5)
+    assert box["value"].status_code == 400
+    assert box["value"].json == {"error": {"message": "bad temperature"}}
