@@ -44,12 +44,11 @@ def revoke_token(name):
 
 @tokens_cli.command("bootstrap")
 def bootstrap_token():
-    """Create and print an admin token named `admin` if no admin token exists."""
-    if tokens.has_active_admin(db.session):
-        return
-    raw = _run(tokens.create_token, db.session, "admin", Role.ADMIN)
-    db.session.commit()
-    click.echo(raw)
+    """Create and print an admin token named `admin` if no active admin token exists."""
+    raw = _run(tokens.bootstrap_admin, db.session)
+    if raw is not None:
+        db.session.commit()
+        click.echo(raw)
 
 
 def _run(operation, *args):

@@ -69,6 +69,17 @@ def has_active_admin(session) -> bool:
         ApiToken.role == Role.ADMIN, ApiToken.revoked_at.is_(None))) > 0
 
 
+def bootstrap_admin(session) -> str | None:
+    """A new admin token when no active one exists (named `admin`, or
+    `admin-2`, ... when a revoked token holds the name), else None."""
+    if has_active_admin(session):
+        return None
+    taken = set(session.scalars(sa.select(ApiToken.name).where(ApiToken.name.like("admin%"))))
+    name = next(n for n in ("admin", *(f"admin-{i}" for i in range(2, len(taken) + 3)))
+                if n not in taken)
+    return create_token(session, name, Role.ADMIN)
+
+
 def authenticate(session, header: str | None, now) -> tuple[Caller, bool]:
     """Resolve an `Authorization: Bearer <token>` header.
 
