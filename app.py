@@ -53,12 +53,13 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 
 def register_blueprints(app):
-    from blueprints import (agents, common, health, infer, llms, openai_compat, projects,
+    from blueprints import (agents, chat, common, health, infer, llms, openai_compat, projects,
                             prompts, publishers)
 
     api = Blueprint("api", __name__, url_prefix="/api/v1")
     api.before_request(common.authenticate_request)
-    for child in (llms.bp, infer.bp, publishers.bp, agents.bp, projects.bp, prompts.bp):
+    for child in (llms.bp, infer.bp, publishers.bp, agents.bp, projects.bp, prompts.bp,
+                  chat.bp):
         api.register_blueprint(child)
     app.register_blueprint(api)
     app.register_blueprint(openai_compat.bp)

@@ -1,0 +1,359 @@
+"""Chat with agents in persistent threads.
+
+A turn has three steps, and the view owns the transaction around each:
+
+1. `start_turn` stores the caller's message (and tool results) and a
+   `pending` assistant message, and says what to run; the view commits and
+   lets go of its connection;
+2. the relay runs the body (public upstream or publisher, streamed or not),
+   and `read_completion` / `read_stream` turn its reply into an `Answer`,
+   holding no database connection;
+3. `finish_turn` stores the answer `complete`, or `fail_turn` stores the
+   message `error` with what arrived. Nothing is ever half-written `complete`.
+
+The context of a turn is the agent's system text (system prompt + the
+personality's prompts), the thread's complete messages in order, and the
+new message; its params are the agent's `default_params` overlaid by the
+call's `params` (a `null` removes a default).
+"""
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from models import Agent, ChatMessage, ChatThread, MessageStatus
+from services import agents, inference
+from services.errors import BadGateway, Conflict, Forbidden, Invalid, NotFound, ServiceError
+from services.inference import Reply, Target
+
+log = logging.getLogger(__name__)
+
+TITLE_LENGTH = 80
+# Upstream statuses that say something about the request itself; any other
+# failure is the upstream's, a 502 for our caller.
+PASSED_THROUGH = {400: "invalid_request_error", 413: "invalid_request_error",
+                  422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class InferenceFailed(ServiceError):
+    """The LLM answered, but not with a usable completion."""
+
+    def __init__(self, message, *, status=BadGateway.status, type_=BadGateway.type,
+                 code="inference_failed", details=None):
+        super().__init__(message, code=code, details=details)
+        self.status = status
+        self.type = type_
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What `start_turn` stored, and what to run."""
+
+    thread_id: str
+    message_id: str  # the assistant's pending message
+    target: Target
+    body: dict
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+
+@dataclass
+class Answer:
+    """An assistant message as it arrives: whole, or accumulated from chunks."""
+
+    content: str = ""
+    tool_calls: list | None = None
+    usage: dict | None = None
+    finished: bool = False
+    _calls: dict = field(default_factory=dict, repr=False)
+
+    def add_chunk(self, chunk: dict) -> str:
+        """Fold one chat.completion.chunk in; returns its text delta."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        text = []
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                text.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                self._add_call_delta(call)
+            if choice.get("finish_reason"):
+                self.finished = True
+        self.content += "".join(text)
+        return "".join(text)
+
+    def _add_call_delta(self, delta):
+        # Strings arrive in pieces and are concatenated, like the openai SDK does.
+        call = self._calls.setdefault(delta.get("index", len(self._calls)), {
+            "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call["id"] = delta.get("id") or call["id"]
+        call["type"] = delta.get("type") or call["type"]
+        function = delta.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+        self.tool_calls = [self._calls[i] for i in sorted(self._calls)]
+
+
+# -- threads -----------------------------------------------------------------
+
+def list_threads(session, agent_name: str, caller) -> list[ChatThread]:
+    """The caller's threads with the agent (every thread for an admin), most
+    recent first. Raises NotFound."""
+    agent = agents.get_agent(session, agent_name)
+    query = sa.select(ChatThread).where(ChatThread.agent_id == agent.id)
+    if not caller.is_admin:
+        query = query.where(ChatThread.owner == caller.id)
+    recent = sa.func.coalesce(ChatThread.last_turn_at, ChatThread.created_at)
+    return list(session.scalars(query.order_by(recent.desc(), ChatThread.id)))
+
+
+def create_thread(session, agent_name: str, caller, title: str, now) -> ChatThread:
+    """A new thread with the agent, owned by the caller. Raises NotFound."""
+    return _new_thread(session, agents.get_agent(session, agent_name), caller, title, now)
+
+
+def get_thread(session, thread_id: str, caller) -> ChatThread:
+    """The thread, if the caller owns it or is an admin. Raises NotFound, Forbidden."""
+    thread = session.get(ChatThread, thread_id)
+    if thread is None:
+        raise NotFound(f"Thread '{thread_id}' not found", code="thread_not_found")
+    if thread.owner != caller.id and not caller.is_admin:
+        raise Forbidden(f"Thread '{thread_id}' belongs to another token",
+                        code="foreign_thread")
+    return thread
+
+
+def list_messages(session, thread_id: str, caller) -> list[ChatMessage]:
+    """Every message of the thread in turn order. Raises NotFound, Forbidden."""
+    thread = get_thread(session, thread_id, caller)
+    return list(session.scalars(sa.select(ChatMessage).where(
+        ChatMessage.thread_id == thread.id).order_by(ChatMessage.turn_index)))
+
+
+def delete_thread(session, thread_id: str, caller) -> None:
+    """Delete the thread and its messages. Raises NotFound, Forbidden."""
+    session.delete(get_thread(session, thread_id, caller))
+    session.flush()
+
+
+# -- a turn ------------------------------------------------------------------
+
+def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
+    """Store the caller's message (after any tool results) and a pending
+    assistant message in the thread (a new one without `thread_id`), and
+    build the body to run. Raises NotFound (agent, thread, personality),
+    Forbidden (another token's thread), Unavailable (inactive virtual agent),
+    Invalid (tool results without a thread), Conflict (a concurrent turn took
+    the same place in the thread)."""
+    agent = agents.get_usable_agent(session, agent_name)
+    system, defaults = agents.persona(session, agent, request.get("personality"))
+    target = inference.resolve(session, agent.llm.name)
+    thread = _thread_for_turn(session, agent, caller, request, now)
+
+    history = [_context_message(m) for m in session.scalars(
+        sa.select(ChatMessage)
+        .where(ChatMessage.thread_id == thread.id, ChatMessage.status == MessageStatus.COMPLETE)
+        .order_by(ChatMessage.turn_index))]
+    index = session.scalar(sa.select(sa.func.max(ChatMessage.turn_index))
+                           .where(ChatMessage.thread_id == thread.id))
+    index = -1 if index is None else index
+    new = [ChatMessage(role="tool", content=result["content"],
+                       tool_call_id=result["tool_call_id"])
+           for result in request.get("tool_results", ())]
+    if "message" in request:
+        new.append(ChatMessage(role="user", content=request["message"]))
+    new.append(ChatMessage(role="assistant", content="", status=MessageStatus.PENDING))
+    for message in new:
+        index += 1
+        message.thread_id, message.turn_index = thread.id, index
+        message.status = message.status or MessageStatus.COMPLETE
+        session.add(message)
+    thread.last_turn_at = now
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"Thread '{thread.id}' has another turn starting; retry",
+                       code="turn_conflict") from None
+
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += history + [_context_message(m) for m in new[:-1]]
+    params = {key: value for key, value in {**defaults, **request.get("params", {})}.items()
+              if value is not None}
+    body = {**params, "model": target.model, "messages": messages,
+            "stream": bool(request.get("stream"))}
+    return Turn(thread_id=thread.id, message_id=new[-1].id, target=target, body=body)
+
+
+def finish_turn(session, turn: Turn, answer: Answer, now) -> None:
+    """Store the answer on the pending assistant message, `complete`."""
+    _settle(session, turn, now, status=MessageStatus.COMPLETE, content=answer.content,
+            tool_calls=answer.tool_calls)
+
+
+def fail_turn(session, turn: Turn, error: str, now, partial: str = "") -> None:
+    """Mark the pending assistant message `error`, with what had arrived."""
+    _settle(session, turn, now, status=MessageStatus.ERROR, content=partial, error=error)
+
+
+# -- reading the relay's reply --------------------------------------------------
+
+def read_completion(llm: str, reply: Reply) -> Answer:
+    """The answer of a non-streamed reply (a chat.completion). Raises
+    InferenceFailed: 400/413/422/429 as the upstream said, else 502."""
+    if not 200 <= reply.status < 300:
+        raise rejection(llm, reply)
+    body = _json(reply.body)
+    try:
+        message = body["choices"][0]["message"]
+        content = message.get("content")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise InferenceFailed(f"LLM '{llm}' answered {reply.status} without a choice",
+                              code="no_choice") from None
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return Answer(content=content if isinstance(content, str) else "",
+                  tool_calls=message.get("tool_calls") or None,
+                  usage=body.get("usage"), finished=True)
+
+
+def read_stream(llm: str, reply: Reply, answer: Answer) -> Iterator[str | None]:
+    """Yield the text deltas of a streamed reply as they arrive (None for a
+    keep-alive), folding every chunk into `answer`. Raises InferenceFailed when
+    the stream carries an error or ends before it finished."""
+    for payload in sse_payloads(reply.stream):
+        if payload is None:
+            yield None
+            continue
+        if payload.strip() == "[DONE]":
+            answer.finished = True
+            return
+        chunk = _json(payload)
+        if not isinstance(chunk, dict):
+            raise InferenceFailed(f"LLM '{llm}' streamed something that is not a chunk",
+                                  code="bad_chunk")
+        if "error" in chunk:
+            raise _stream_error(llm, chunk["error"])
+        delta = answer.add_chunk(chunk)
+        if delta:
+            yield delta
+    if not answer.finished:
+        raise InferenceFailed(f"The stream of LLM '{llm}' ended before the answer finished",
+                              code="stream_incomplete")
+
+
+def sse_payloads(chunks: Iterable[bytes]) -> Iterator[str | None]:
+    """The `data` of each server-sent event in a byte stream (None for an
+    event with no data: a keep-alive comment)."""
+    buffer = b""
+    for chunk in chunks:
+        buffer = (buffer + chunk).replace(b"\r\n", b"\n")
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            yield _event_data(event)
+    if buffer.strip():
+        yield _event_data(buffer)
+
+
+def rejection(llm: str, reply: Reply) -> InferenceFailed:
+    """The error for a non-2xx reply, carrying the upstream's status and message."""
+    message = _error_message(reply.body) or "no message"
+    type_ = PASSED_THROUGH.get(reply.status)
+    return InferenceFailed(
+        f"LLM '{llm}' answered {reply.status}: {message}",
+        status=reply.status if type_ else BadGateway.status, type_=type_ or BadGateway.type,
+        code="upstream_rejected" if type_ else "upstream_error",
+        details={"upstream_status": reply.status})
+
+
+# -- internals ----------------------------------------------------------------
+
+def _new_thread(session, agent: Agent, caller, title: str, now) -> ChatThread:
+    thread = ChatThread(agent_id=agent.id, owner=caller.id, title=title, created_at=now)
+    session.add(thread)
+    session.flush()
+    return thread
+
+
+def _thread_for_turn(session, agent, caller, request, now):
+    if "thread_id" not in request:
+        if "tool_results" in request:
+            raise Invalid("tool_results answer a thread's tool calls: give its thread_id",
+                          code="validation_failed",
+                          details={"thread_id": ["Required with tool_results."]})
+        title = " ".join(request["message"].split())[:TITLE_LENGTH]
+        return _new_thread(session, agent, caller, title, now)
+    thread = get_thread(session, request["thread_id"], caller)
+    if thread.agent_id != agent.id:
+        raise NotFound(f"Thread '{thread.id}' not found for agent '{agent.name}'",
+                       code="thread_not_found")
+    return thread
+
+
+def _context_message(message: ChatMessage) -> dict:
+    out = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+        out["content"] = message.content or None
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _settle(session, turn, now, **values):
+    # Only a pending message moves: a settled one is never rewritten.
+    changed = session.execute(
+        sa.update(ChatMessage)
+        .where(ChatMessage.id == turn.message_id, ChatMessage.status == MessageStatus.PENDING)
+        .values(**values)
+        .execution_options(synchronize_session=False)).rowcount
+    session.execute(sa.update(ChatThread).where(ChatThread.id == turn.thread_id)
+                    .values(last_turn_at=now).execution_options(synchronize_session=False))
+    if not changed:
+        log.warning("assistant message %s was no longer pending", turn.message_id)
+    log.info("turn of thread %s settled %s", turn.thread_id, values["status"])
+
+
+def _event_data(event: bytes) -> str | None:
+    data = [line[5:].removeprefix(b" ") for line in event.split(b"\n")
+            if line.startswith(b"data:")]
+    return b"\n".join(data).decode("utf-8", "replace") if data else None
+
+
+def _json(body):
+    if isinstance(body, bytes | str):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+    return body
+
+
+def _error_message(body) -> str:
+    parsed = _json(body)
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed.get("message"))
+        if isinstance(error, dict):
+            error = error.get("message")
+        if error:
+            return str(error)[:500]
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    return body.strip()[:500] if isinstance(body, str) else ""
+
+
+def _stream_error(llm, error):
+    """An error event in the stream (the relay's envelope, or the upstream's)."""
+    if isinstance(error, dict):
+        return InferenceFailed(str(error.get("message") or f"LLM '{llm}' stream failed"),
+                               type_=error.get("type") or BadGateway.type,
+                               code=error.get("code") or "stream_error")
+    return InferenceFailed(f"LLM '{llm}' stream failed: {error}", code="stream_error")
