@@ -6,6 +6,7 @@ timeout. Under the gevent worker its sockets are cooperative.
 import logging
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from jsonio import dumps
@@ -13,6 +14,9 @@ from services.errors import BadGateway, envelope
 from services.inference import Reply, Target
 
 log = logging.getLogger(__name__)
+
+# requests wraps urllib3's errors on the way in; reading the raw stream raises them bare.
+UPSTREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
 class Upstream:
@@ -43,11 +47,14 @@ class Upstream:
                 timeout=self.stream_timeout if streaming else self.timeout,
                 allow_redirects=False)
             content_type = response.headers.get("Content-Type", "application/json")
-            if not streaming or response.status_code != 200:
+            if not (streaming and response.status_code == 200
+                    and content_type.startswith("text/event-stream")):
+                # Errors, and an upstream that answered a stream request with
+                # one JSON body, go back as they are.
                 return Reply(response.status_code, response.content, content_type=content_type)
-            chunks = response.iter_content(chunk_size=None)
+            chunks = _as_they_arrive(response.raw)
             first = next(chunks, b"")
-        except requests.RequestException as exc:
+        except UPSTREAM_ERRORS as exc:
             log.warning("upstream of LLM %s failed: %s", target.name, type(exc).__name__)
             raise BadGateway(f"The upstream of LLM '{target.name}' failed ({_reason(exc)})",
                              code="upstream_unreachable") from None
@@ -59,7 +66,7 @@ class Upstream:
             if first:
                 yield first
             yield from chunks
-        except requests.RequestException as exc:
+        except UPSTREAM_ERRORS as exc:
             log.warning("upstream stream of LLM %s broke: %s", target.name, type(exc).__name__)
             message = f"The upstream stream of LLM '{target.name}' broke ({_reason(exc)})"
             yield b"data: " + dumps(envelope(message, "upstream_error",
@@ -68,10 +75,19 @@ class Upstream:
             response.close()
 
 
+def _as_they_arrive(raw, size=65536):
+    """The body's bytes as the network delivers them. (`iter_content(None)`
+    would read a body without chunked framing to its end before yielding.)"""
+    while data := raw.read1(size, decode_content=True):
+        yield data
+
+
 def _reason(exc) -> str:
     """A short, key-free description of a requests failure."""
-    if isinstance(exc, requests.Timeout):
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError | TimeoutError):
         return "timed out"
     if isinstance(exc, requests.ConnectionError):
         return "unreachable"
+    if isinstance(exc, urllib3.exceptions.ProtocolError | OSError):
+        return "connection lost"
     return type(exc).__name__

@@ -5,7 +5,8 @@
         fake.script(status=404, body={"error": {"message": "nope"}})
         fake.script(chunks=["Hel", "lo"], chunk_delay=0.2)
         fake.script(chunks=["a", "b", "c"], break_after=1)
-        fake.requests                   # [{"method", "path", "headers", "json"}, ...]
+        fake.requests                   # [{"method", "path", "headers", "json",
+                                        #   "client_port"}, ...]
                                         # (headers are case-insensitive)
 
 Without a script, `POST /v1/chat/completions` echoes the last user message:
@@ -243,4 +244,5 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _record(self, body):
         self.owner._record({"method": self.command, "path": self.path,
+                            "client_port": self.client_address[1],
                             "headers": CaseInsensitiveDict(self.headers.items()), "json": body})
