@@ -60,7 +60,7 @@ def disconnect(session_id):
 @require("publisher")
 def post_result(task_id):
     outcome = json_body(schemas.result)
-    task = lifecycle.owned_task(db.session, bus(), caller(), task_id)
+    task = lifecycle.owned_task(bus(), caller(), task_id)
     lifecycle.apply_outcome(db.session, task, outcome, utcnow())
     db.session.commit()  # commit, then notify: woken requests must find the row active
     bus().complete(task_id, outcome)
@@ -71,8 +71,7 @@ def post_result(task_id):
 @require("publisher")
 def post_chunks(task_id):
     data = json_body(schemas.chunks)
-    lifecycle.owned_task(db.session, bus(), caller(), task_id)
-    db.session.close()
+    lifecycle.owned_task(bus(), caller(), task_id)
     bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
                       data["done"])
     return {"accepted": True}

@@ -42,10 +42,11 @@ class TaskBus(abc.ABC):
     # -- client side -------------------------------------------------------
 
     @abc.abstractmethod
-    def submit(self, session_id: str, task: dict, *, llm: str, limit: int,
+    def submit(self, session_id: str, task: dict, *, llm: str, owner: str | None, limit: int,
                pickup_timeout: float, timeout: float, share_key: str | None = None) -> str:
         """Queue `task` (a dict with `kind`, no `task_id`) for the session and
-        return its task id. With `share_key`, a task with the same key still in
+        return its task id. `owner` is the token that owns the session: only it
+        may answer the task. With `share_key`, a task with the same key still in
         flight is joined instead (its waiters share one outcome). `limit` caps
         the requests waiting on `llm`: past it, TooManyRequests. The task
         expires unless picked up within `pickup_timeout` and finished within
@@ -93,7 +94,7 @@ class TaskBus(abc.ABC):
 
     @abc.abstractmethod
     def task_info(self, task_id: str) -> dict:
-        """`{task_id, session_id, kind, llm}` of a task a publisher may answer.
+        """`{task_id, session_id, owner, kind, llm}` of a task a publisher may answer.
         Raises NotFound (unknown), Conflict (already completed), Gone
         (cancelled or expired)."""
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from models import Llm
+from models import Llm, PublisherSession
 from services.errors import NotFound
 
 
@@ -21,6 +21,7 @@ class Target:
     url: str
     api_key: str | None
     session_id: str | None
+    owner: str | None  # the token owning the publisher session (virtual rows)
 
     def __repr__(self):  # never the key
         return f"Target({self.name!r}, {self.kind}/{self.status})"
@@ -36,13 +37,15 @@ class Reply:
     content_type: str = "application/json"
 
 
-_TARGET_COLUMNS = (Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key,
-                   Llm.provider_session_id)
+_TARGET_QUERY = (
+    sa.select(Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key,
+              Llm.provider_session_id, PublisherSession.owner)
+    .outerjoin(PublisherSession, PublisherSession.id == Llm.provider_session_id))
 
 
 def resolve(session, name: str) -> Target:
     """The LLM called `name`, as a Target. Raises NotFound."""
-    row = session.execute(sa.select(*_TARGET_COLUMNS).where(Llm.name == name)).first()
+    row = session.execute(_TARGET_QUERY.where(Llm.name == name)).first()
     if row is None:
         raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
     return Target(*row)

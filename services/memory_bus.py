@@ -28,13 +28,16 @@ DONE_MARKER = "[DONE]"
 
 
 class _Task:
-    __slots__ = ("id", "session_id", "kind", "llm", "payload", "share_key", "state", "outcome",
+    __slots__ = ("id", "session_id", "owner", "kind", "llm", "payload", "share_key", "state",
+                 "outcome",
                  "error", "chunks", "received", "stream_done", "changed", "waiters",
                  "pickup_deadline", "timeout", "finish_deadline", "last_activity")
 
-    def __init__(self, task_id, session_id, payload, llm, share_key, pickup_deadline, timeout):
+    def __init__(self, task_id, session_id, owner, payload, llm, share_key, pickup_deadline,
+                 timeout):
         self.id = task_id
         self.session_id = session_id
+        self.owner = owner
         self.kind = payload["kind"]
         self.llm = llm
         self.payload = payload
@@ -53,8 +56,8 @@ class _Task:
         self.last_activity = None
 
     def info(self):
-        return {"task_id": self.id, "session_id": self.session_id, "kind": self.kind,
-                "llm": self.llm}
+        return {"task_id": self.id, "session_id": self.session_id, "owner": self.owner,
+                "kind": self.kind, "llm": self.llm}
 
 
 class _Session:
@@ -82,7 +85,8 @@ class MemoryTaskBus(TaskBus):
 
     # -- client side -------------------------------------------------------
 
-    def submit(self, session_id, task, *, llm, limit, pickup_timeout, timeout, share_key=None):
+    def submit(self, session_id, task, *, llm, owner, limit, pickup_timeout, timeout,
+               share_key=None):
         from models import new_id
 
         with self._lock:
@@ -97,7 +101,7 @@ class MemoryTaskBus(TaskBus):
                 return shared.id
             now = self.clock()
             task_id = new_id()
-            t = _Task(task_id, session_id, {"task_id": task_id, **task}, llm, share_key,
+            t = _Task(task_id, session_id, owner, {"task_id": task_id, **task}, llm, share_key,
                       now + pickup_timeout, timeout)
             self._tasks[task_id] = t
             if share_key:

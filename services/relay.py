@@ -77,7 +77,7 @@ class Relay:
                               code="publisher_offline")
 
     def _task_args(self, target, timeout=None, share_key=None):
-        return {"llm": target.name, "limit": self.timeouts.max_pending,
+        return {"llm": target.name, "owner": target.owner, "limit": self.timeouts.max_pending,
                 "pickup_timeout": self.timeouts.pickup,
                 "timeout": timeout or self.timeouts.infer, "share_key": share_key}
 

@@ -21,7 +21,7 @@ def bus():
 
 
 def submit(bus, task=INFER, **kwargs):
-    args = {"llm": "m", "limit": 10, "pickup_timeout": 5.0, "timeout": 5.0, **kwargs}
+    args = {"llm": "m", "owner": "tok", "limit": 10, "pickup_timeout": 5.0, "timeout": 5.0, **kwargs}
     return bus.submit(SID, dict(task), **args)
 
 
@@ -55,14 +55,14 @@ def test_empty_poll_returns_after_its_wait(bus):
 
 
 def test_outcome_reaches_the_waiting_client(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         later(0.05, bus.complete, task_id, {"status": 200, "body": {"ok": True}})
         assert bus.wait_result(task_id) == {"status": 200, "body": {"ok": True}}
 
 
 def test_task_not_picked_up_in_time_is_a_504_and_leaves_the_queue(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=0.1, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=0.1, timeout=5) as task_id:
         with pytest.raises(GatewayTimeout) as err:
             bus.wait_result(task_id)
         assert err.value.code == "pickup_timeout"
@@ -70,7 +70,7 @@ def test_task_not_picked_up_in_time_is_a_504_and_leaves_the_queue(bus):
 
 
 def test_task_not_finished_in_time_is_a_504_and_cancels_the_publisher(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=0.1) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=0.1) as task_id:
         bus.poll(SID, wait=0)
         with pytest.raises(GatewayTimeout) as err:
             bus.wait_result(task_id)
@@ -81,12 +81,12 @@ def test_task_not_finished_in_time_is_a_504_and_cancels_the_publisher(bus):
 
 
 def test_wait_result_returns_none_at_the_keepalive_interval(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         assert bus.wait_result(task_id, poll_interval=0.05) is None
 
 
 def test_chunks_arrive_in_order_and_done_marker_ends_the_stream(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.push_chunks(task_id, ["a", "b"], seq=None, done=False)
         bus.push_chunks(task_id, ["c", "[DONE]", "ignored"], seq=None, done=False)
@@ -97,7 +97,7 @@ def test_chunks_arrive_in_order_and_done_marker_ends_the_stream(bus):
 
 
 def test_retried_chunk_batch_is_not_duplicated(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.push_chunks(task_id, ["a", "b"], seq=0, done=False)
         bus.push_chunks(task_id, ["a", "b", "c"], seq=0, done=False)  # a retry that grew
@@ -107,7 +107,7 @@ def test_retried_chunk_batch_is_not_duplicated(bus):
 
 
 def test_chunk_batch_leaving_a_gap_is_refused(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         with pytest.raises(Conflict) as err:
             bus.push_chunks(task_id, ["x"], seq=3, done=False)
@@ -115,7 +115,7 @@ def test_chunk_batch_leaving_a_gap_is_refused(bus):
 
 
 def test_silent_stream_times_out(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.push_chunks(task_id, ["a"], seq=None, done=False)
         assert bus.next_chunks(task_id, 0.1, 1)[0] == ["a"]
@@ -139,7 +139,7 @@ def test_client_going_away_before_pickup_just_drops_the_task(bus):
 
 
 def test_completed_task_answers_conflict_and_unknown_task_not_found(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.complete(task_id, {"status": 200, "body": None})
         with pytest.raises(Conflict):
@@ -151,7 +151,7 @@ def test_completed_task_answers_conflict_and_unknown_task_not_found(bus):
 
 
 def test_dropping_a_session_fails_its_in_flight_tasks(bus):
-    with bus.open_task(SID, INFER, llm="m", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         later(0.05, bus.drop_session, SID, "publisher disconnected")
         with pytest.raises(Unavailable, match="publisher disconnected"):
@@ -184,7 +184,7 @@ def test_pending_limit_per_llm_is_a_429(bus):
     with pytest.raises(TooManyRequests) as err:
         submit(bus, limit=2)
     assert err.value.headers == {"Retry-After": "1"}
-    submit_other = bus.submit(SID, dict(INFER), llm="other", limit=2, pickup_timeout=5,
+    submit_other = bus.submit(SID, dict(INFER), llm="other", owner="tok", limit=2, pickup_timeout=5,
                               timeout=5)
     for task_id in [*ids, submit_other]:
         bus.release(task_id)
@@ -206,7 +206,7 @@ def test_hundred_concurrent_waiters_each_get_their_own_outcome(bus):
     results = {}
 
     def client(n):
-        with bus.open_task(SID, {**INFER, "body": {"n": n}}, llm="m", limit=200,
+        with bus.open_task(SID, {**INFER, "body": {"n": n}}, llm="m", owner="tok", limit=200,
                            pickup_timeout=5, timeout=5) as task_id:
             results[n] = bus.wait_result(task_id)
 
