@@ -1,0 +1,351 @@
+"""Running tasks: infer (plain and streamed) against the backends, posting
+results and chunk batches, cancel and 410, max_concurrency, wake first."""
+import json
+import threading
+
+import pytest
+import requests
+import responses
+
+from publisher_client import Publisher
+from publisher_client.backends import Answer, Call
+from tests.publisher_client.helpers import (API, BACKEND, SlowStreamBackend, calls_to, sent_json,
+                                            wait_for)
+
+BODY = {"model": "qwen", "messages": [{"role": "user", "content": "hello there"}]}
+COMPLETION = {"object": "chat.completion",
+              "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
+
+
+@pytest.fixture
+def publisher(make_config):
+    """publisher(**llm_fields) → a Publisher of one LLM `vllm-local`
+    (openai at BACKEND unless the fields say otherwise), already "registered"."""
+    made = []
+
+    def make(**fields):
+        llm = {"name": "vllm-local", "type": "openai", "url": BACKEND, "model": "qwen", **fields}
+        publisher = Publisher(make_config(llms=[llm]))
+        publisher.session_id = "sess-1"
+        made.append(publisher)
+        return publisher
+    yield make
+    for publisher in made:
+        publisher.stopping.set()
+
+
+def infer(task_id="t1", streaming=False, body=BODY, llm="vllm-local"):
+    return {"kind": "infer", "task_id": task_id, "llm": llm, "streaming": streaming,
+            "body": {**body, "stream": streaming}}
+
+
+def expect_result(mocked, task_id="t1"):
+    """Register the result endpoint; returns an Event set when it is called."""
+    posted = threading.Event()
+
+    def result(request):
+        posted.set()
+        return 200, {}, json.dumps({"accepted": True})
+    mocked.add_callback(responses.POST, f"{API}/tasks/{task_id}/result", callback=result)
+    return posted
+
+
+def result_of(mocked, task_id="t1"):
+    return sent_json(calls_to(mocked, "POST", f"/tasks/{task_id}/result")[-1])
+
+
+def expect_chunks(mocked, task_id="t1", status=200):
+    """Register the chunks endpoint; returns an Event set by the done batch."""
+    done = threading.Event()
+
+    def chunks(request):
+        if json.loads(request.body).get("done"):
+            done.set()
+        if status == 410:
+            done.set()
+            return 410, {}, json.dumps({"error": {"message": "client gone"}})
+        return 200, {}, json.dumps({"accepted": True})
+    mocked.add_callback(responses.POST, f"{API}/tasks/{task_id}/chunks", callback=chunks)
+    return done
+
+
+def posted_chunks(mocked, task_id="t1"):
+    batches = [sent_json(c) for c in calls_to(mocked, "POST", f"/tasks/{task_id}/chunks")]
+    return [chunk["data"] for batch in batches for chunk in batch["chunks"]], batches
+
+
+def sse(*payloads) -> bytes:
+    return b"".join(b"data: " + p.encode() + b"\n\n" for p in payloads)
+
+
+# -- plain answers ------------------------------------------------------------
+
+def test_a_plain_answer_is_posted_as_the_backend_gave_it(publisher, mocked):
+    mocked.post(f"{BACKEND}/chat/completions", json=COMPLETION)
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer())
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"status": 200, "body": COMPLETION}
+    backend_call = calls_to(mocked, "POST", "/chat/completions")[0]
+    assert sent_json(backend_call) == {**BODY, "stream": False}
+    assert backend_call.request.req_kwargs["timeout"][0] <= 10   # explicit (connect, read)
+
+
+@pytest.mark.parametrize("status", [400, 429, 500])
+def test_a_backend_error_status_is_passed_on_not_swallowed(publisher, mocked, status):
+    error = {"error": {"message": "context length exceeded"}}
+    mocked.post(f"{BACKEND}/chat/completions", json=error, status=status)
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer())
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"status": status, "body": error}
+
+
+def test_an_unreachable_backend_posts_an_error(publisher, mocked):
+    mocked.post(f"{BACKEND}/chat/completions", body=requests.ConnectionError("refused"))
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer())
+
+    assert posted.wait(5)
+    assert "unreachable" in result_of(mocked)["error"]
+
+
+def test_an_api_key_goes_to_the_backend(make_config, mocked):
+    mocked.post(f"{BACKEND}/chat/completions", json=COMPLETION)
+    posted = expect_result(mocked)
+    config = make_config(environ={"KEY": "sk-local"},
+                         llms=[{"name": "vllm-local", "type": "openai", "url": BACKEND,
+                                "model": "m", "api_key_env": "KEY"}])
+
+    Publisher(config).dispatch(infer())
+
+    assert posted.wait(5)
+    assert calls_to(mocked, "POST", "/chat/completions")[0].request.headers["Authorization"] \
+        == "Bearer sk-local"
+
+
+def test_a_task_for_an_llm_not_published_here_gets_an_error(publisher, mocked):
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer(llm="someone-else"))
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"error": "LLM 'someone-else' is not published here"}
+
+
+def test_a_result_post_is_retried_when_the_server_hiccups(publisher, mocked):
+    mocked.post(f"{BACKEND}/chat/completions", json=COMPLETION)
+    mocked.post(f"{API}/tasks/t1/result", status=502)
+    posted = expect_result(mocked)
+    p = publisher()
+    p.stopping.wait = lambda seconds: False  # no real backoff sleep
+
+    p.dispatch(infer())
+
+    assert posted.wait(5)
+    assert len(calls_to(mocked, "POST", "/tasks/t1/result")) == 2
+
+
+# -- streamed answers ------------------------------------------------------------
+
+def test_a_stream_is_relayed_as_chunk_batches_ending_with_done(publisher, mocked, caplog):
+    caplog.set_level("INFO", logger="publisher_client")
+    payloads = [json.dumps({"choices": [{"delta": {"content": w}}]}) for w in ("a ", "b ", "c")]
+    mocked.post(f"{BACKEND}/chat/completions", body=sse(*payloads, "[DONE]"),
+                content_type="text/event-stream")
+    done = expect_chunks(mocked)
+
+    publisher().dispatch(infer(streaming=True))
+
+    assert done.wait(5)
+    chunks, batches = posted_chunks(mocked)
+    assert chunks == [*payloads, "[DONE]"]
+    assert batches[0]["seq"] == 0 and batches[-1]["done"] is True
+    assert sent_json(calls_to(mocked, "POST", "/chat/completions")[0])["stream"] is True
+    wait_for(lambda: any("chunks in" in r.getMessage() for r in caplog.records))
+
+
+def test_sse_details_are_handled(publisher, mocked):
+    """CRLF line ends, comments, `event:` lines, and a missing [DONE]."""
+    body = (b": keep-alive\r\n\r\nevent: message\r\ndata: {\"n\": 1}\r\n\r\n"
+            b"data:{\"n\": 2}\r\n\r\n")
+    mocked.post(f"{BACKEND}/chat/completions", body=body, content_type="text/event-stream")
+    done = expect_chunks(mocked)
+
+    publisher().dispatch(infer(streaming=True))
+
+    assert done.wait(5)
+    assert posted_chunks(mocked)[0] == ['{"n": 1}', '{"n": 2}', "[DONE]"]
+
+
+def test_a_stream_the_backend_refuses_is_posted_as_a_result(publisher, mocked):
+    error = {"error": {"message": "bad request"}}
+    mocked.post(f"{BACKEND}/chat/completions", json=error, status=400)
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer(streaming=True))
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"status": 400, "body": error}
+
+
+def test_the_echo_backend_answers_with_the_last_user_message(publisher, mocked):
+    posted = expect_result(mocked)
+
+    publisher(type="echo").dispatch(infer(body={"model": "echo", "messages": [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "say this back"}]}))
+
+    assert posted.wait(5)
+    body = result_of(mocked)["body"]
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "say this back"}
+
+
+def test_the_echo_backend_streams_word_by_word(publisher, mocked):
+    done = expect_chunks(mocked)
+
+    publisher(type="echo").dispatch(infer(streaming=True, body={"messages": [
+        {"role": "user", "content": "one two three"}]}))
+
+    assert done.wait(5)
+    chunks = posted_chunks(mocked)[0]
+    assert chunks[-1] == "[DONE]"
+    events = [json.loads(c) for c in chunks[:-1]]
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text == "one two three"
+    assert [e["choices"][0]["delta"].get("content") for e in events[1:4]] == \
+        ["one ", "two ", "three"]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+# -- stopping work ---------------------------------------------------------------
+
+@pytest.fixture
+def slow_backend():
+    backend = SlowStreamBackend(chunks=500, interval=0.02)
+    yield backend
+    backend.stop()
+
+
+def test_a_cancel_task_aborts_the_backend_stream_at_once(publisher, mocked, slow_backend):
+    mocked.add_passthru("http://127.0.0.1")
+    expect_chunks(mocked)
+    p = publisher(url=slow_backend.url)
+    p.dispatch(infer(streaming=True))
+    wait_for(lambda: slow_backend.chunks_sent >= 5, what="the stream to start")
+
+    p.dispatch({"kind": "cancel", "task_id": "t1"})
+
+    assert slow_backend.disconnected.wait(2), "the backend never saw the client go"
+    assert slow_backend.chunks_sent < 100
+    wait_for(lambda: "t1" not in p._calls, what="the task to end")
+    batches = posted_chunks(mocked)[1]
+    assert not any(batch.get("done") for batch in batches)
+
+
+def test_a_410_on_chunks_aborts_the_backend_stream(publisher, mocked, slow_backend):
+    mocked.add_passthru("http://127.0.0.1")
+    expect_chunks(mocked, status=410)
+    p = publisher(url=slow_backend.url)
+
+    p.dispatch(infer(streaming=True))
+
+    assert slow_backend.disconnected.wait(2), "the backend never saw the client go"
+    assert slow_backend.chunks_sent < 100
+    assert len(calls_to(mocked, "POST", "/tasks/t1/chunks")) == 1
+    assert not calls_to(mocked, "POST", "/tasks/t1/result")
+
+
+def test_shutdown_aborts_running_backend_requests(publisher, mocked, slow_backend):
+    mocked.add_passthru("http://127.0.0.1")
+    expect_chunks(mocked)
+    p = publisher(url=slow_backend.url)
+    p.dispatch(infer(streaming=True))
+    wait_for(lambda: slow_backend.chunks_sent >= 5, what="the stream to start")
+
+    p.shutdown()
+
+    assert slow_backend.disconnected.wait(2)
+
+
+# -- concurrency ------------------------------------------------------------------
+
+class GatedBackend:
+    """A stub backend whose answers wait for `gate`, counting how many run at once."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.running = 0
+        self.peak = 0
+        self.started = 0
+        self.lock = threading.Lock()
+
+    def available(self):
+        return True
+
+    def answer(self, body, stream, call):
+        with self.lock:
+            self.running += 1
+            self.started += 1
+            self.peak = max(self.peak, self.running)
+        self.gate.wait(5)
+        with self.lock:
+            self.running -= 1
+        return Answer(200, {"ok": True})
+
+
+def test_at_most_max_concurrency_tasks_run_per_llm(publisher, mocked):
+    for i in range(5):
+        expect_result(mocked, f"t{i}")
+    p = publisher(max_concurrency=2)
+    backend = p.llms["vllm-local"].backend = GatedBackend()
+
+    for i in range(5):
+        p.dispatch(infer(task_id=f"t{i}"))
+    wait_for(lambda: backend.started == 2, what="two tasks to start")
+    assert backend.running == 2
+    backend.gate.set()
+
+    wait_for(lambda: all(calls_to(mocked, "POST", f"/tasks/t{i}/result") for i in range(5)),
+             what="all five results")
+    assert backend.peak == 2
+
+
+def test_a_task_cancelled_while_waiting_for_a_slot_never_reaches_the_backend(publisher,
+                                                                             mocked):
+    expect_result(mocked, "first")
+    p = publisher(max_concurrency=1)
+    backend = p.llms["vllm-local"].backend = GatedBackend()
+    p.dispatch(infer(task_id="first"))
+    wait_for(lambda: backend.started == 1)
+
+    p.dispatch(infer(task_id="queued"))
+    p.dispatch({"kind": "cancel", "task_id": "queued"})
+    backend.gate.set()
+
+    wait_for(lambda: "queued" not in p._calls, what="the queued task to end")
+    assert backend.started == 1
+    assert not calls_to(mocked, "POST", "/tasks/queued/result")
+
+
+def test_a_call_aborted_before_the_response_arrives_closes_it():
+    call = Call()
+    call.abort()
+
+    class Response:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    response = Response()
+    with pytest.raises(Exception):
+        call.attach(response)
+    assert response.closed
