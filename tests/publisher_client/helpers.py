@@ -88,3 +88,69 @@ class SlowStreamBackend:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class PublisherProcess:
+    """The real `python -m publisher_client run` against a LiveServer."""
+
+    def __init__(self, server, tmp_path, llms, agents=(), name="publisher", **settings):
+        import os
+        import sys
+        from pathlib import Path
+
+        self.repo_root = Path(__file__).resolve().parents[2]
+        self.config_path = tmp_path / f"{name}.yaml"
+        self.log_path = tmp_path / f"{name}.log"
+        self.session_file = tmp_path / name / "session.json"
+        config = {"server": server.url, "token_env": "SWITCHBOARD_TOKEN",
+                  "session_file": str(self.session_file), "llms": list(llms),
+                  "agents": list(agents), **settings}
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.env = {**os.environ, "SWITCHBOARD_TOKEN": server.tokens["publisher"],
+                    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+                    "PYTHONUNBUFFERED": "1"}
+        self.argv = [sys.executable, "-m", "publisher_client", "run",
+                     "--config", str(self.config_path), "--log-level", "INFO"]
+        self.process = None
+        self._log = None
+
+    def start(self, wait=True):
+        import subprocess
+
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.argv, cwd=self.repo_root, env=self.env,
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_for_log("registered session", count=self.log_text().count(
+                "registered session") + 1)
+        return self
+
+    def wait_for_log(self, text, count=1, timeout=15.0):
+        def seen():
+            if self.process.poll() is not None:
+                raise AssertionError(f"publisher exited ({self.process.returncode}):\n"
+                                     f"{self.log_text()}")
+            return self.log_text().count(text) >= count
+        try:
+            wait_for(seen, timeout, f"{text!r} in the publisher log")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_text()}") from None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout=15.0) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+        if self._log is not None:
+            self._log.close()
