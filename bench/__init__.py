@@ -1,0 +1,1 @@
+"""Switchboard's benchmark: `python -m bench` (or `make bench`). See __main__."""

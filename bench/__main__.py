@@ -1,0 +1,147 @@
+"""Switchboard's overhead: the same chat-completions requests straight to a
+fast fake upstream and through Switchboard, at each concurrency, streamed and
+not, in one run. Prints p50/p99 latency and throughput per scenario and how
+each compares with `direct`.
+
+    python -m bench                       # or: make bench
+    python -m bench --duration 2 --concurrency 1,4,16 --modes plain
+
+Targets (2-core machine): added p50 latency at c=1 <= 1.5 ms; throughput at
+c=16 >= 6% of direct.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from bench.load import LoadResult, run_load
+from bench.scenarios import BASELINE, SCENARIOS
+from bench.server import BenchContext
+
+MODES = {"plain": False, "stream": True}
+TARGET_ADDED_P50_MS = 1.5
+TARGET_THROUGHPUT_RATIO = 0.06
+
+
+def request_body(stream: bool) -> bytes:
+    return json.dumps({
+        "model": "bench-model", "stream": stream, "temperature": 0.2, "max_tokens": 32,
+        "messages": [{"role": "system", "content": "You are terse."},
+                     {"role": "user", "content": "Say something about foxes."}],
+    }).encode()
+
+
+@dataclass
+class Cell:
+    mode: str
+    concurrency: int
+    scenario: str
+    result: LoadResult
+
+
+def run(args) -> list[Cell]:
+    ctx = BenchContext()
+    scenarios = [SCENARIOS[name]() for name in args.scenarios]
+    cells = []
+    try:
+        for scenario in scenarios:
+            scenario.prepare(ctx)
+        for mode in args.modes:
+            body = request_body(MODES[mode])
+            for concurrency in args.concurrency:
+                for scenario in scenarios:
+                    url, headers = scenario.endpoint(ctx)
+                    load = dict(concurrency=concurrency, stream=MODES[mode],
+                                max_requests=args.max_requests)
+                    if args.warmup:
+                        run_load(url, headers, body, duration=args.warmup, **load)
+                    result = run_load(url, headers, body, duration=args.duration, **load)
+                    cells.append(Cell(mode, concurrency, scenario.name, result))
+                    print(f"  {mode:6} c={concurrency:<3} {scenario.name:12} "
+                          f"{result.count:7d} ok {result.error_count:5d} errors",
+                          file=sys.stderr, flush=True)
+    finally:
+        for scenario in scenarios:
+            scenario.close()
+        ctx.close()
+    return cells
+
+
+def table(cells: list[Cell]) -> str:
+    header = (f"{'mode':6} {'c':>3}  {'scenario':12} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'req/s':>8} {'errors':>6}  {'+p50 ms':>8} {'% direct':>8}")
+    lines = [header, "-" * len(header)]
+    baselines = {(c.mode, c.concurrency): c.result for c in cells if c.scenario == BASELINE}
+    for cell in cells:
+        r = cell.result
+        line = (f"{cell.mode:6} {cell.concurrency:3d}  {cell.scenario:12} "
+                f"{r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.throughput:8.0f} "
+                f"{r.error_count:6d}")
+        base = baselines.get((cell.mode, cell.concurrency))
+        if base is not None and cell.scenario != BASELINE:
+            line += (f"  {r.percentile(50) - base.percentile(50):8.2f} "
+                     f"{100 * r.throughput / base.throughput:7.1f}%")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def verdicts(cells: list[Cell]) -> list[str]:
+    """The targets, per mode, for every scenario compared with direct."""
+    baselines = {(c.mode, c.concurrency): c.result for c in cells if c.scenario == BASELINE}
+    out = []
+    for cell in cells:
+        base = baselines.get((cell.mode, cell.concurrency))
+        if cell.scenario == BASELINE or base is None:
+            continue
+        if cell.concurrency == 1:
+            added = cell.result.percentile(50) - base.percentile(50)
+            ok = added <= TARGET_ADDED_P50_MS
+            out.append(f"{cell.scenario} {cell.mode}: added p50 at c=1 {added:.2f} ms "
+                       f"(target <= {TARGET_ADDED_P50_MS} ms) {'OK' if ok else 'MISSED'}")
+        if cell.concurrency == 16:
+            ratio = cell.result.throughput / base.throughput
+            ok = ratio >= TARGET_THROUGHPUT_RATIO
+            out.append(f"{cell.scenario} {cell.mode}: throughput at c=16 {100 * ratio:.1f}% "
+                       f"of direct (target >= {100 * TARGET_THROUGHPUT_RATIO:.0f}%) "
+                       f"{'OK' if ok else 'MISSED'}")
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda cast: lambda text: [cast(x) for x in text.split(",") if x]  # noqa: E731
+    parser.add_argument("--duration", type=float, default=4.0,
+                        help="seconds of measured load per cell (default 4)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="seconds of unmeasured load before each cell (default 0.5)")
+    parser.add_argument("--concurrency", type=csv(int), default=[1, 16],
+                        help="comma-separated concurrencies (default 1,16)")
+    parser.add_argument("--modes", type=csv(str), default=list(MODES),
+                        help="comma-separated: plain,stream (default both)")
+    parser.add_argument("--scenarios", type=csv(str), default=list(SCENARIOS),
+                        help=f"comma-separated, of {', '.join(SCENARIOS)} (default all)")
+    parser.add_argument("--max-requests", type=int, default=200_000,
+                        help="cap on requests per cell (default 200000)")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS] + [
+        m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown scenario or mode: {', '.join(unknown)}")
+    if BASELINE not in args.scenarios:
+        args.scenarios.insert(0, BASELINE)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cells = run(args)
+    print(table(cells))
+    print()
+    for line in verdicts(cells):
+        print(line)
+    return 1 if any(c.result.error_count for c in cells) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
