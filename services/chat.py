@@ -24,9 +24,10 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from models import Agent, ChatMessage, ChatThread, MessageStatus
+from models import Agent, ChatMessage, ChatThread, MessageStatus, Status
 from services import agents, inference
-from services.errors import BadGateway, Conflict, Forbidden, Invalid, NotFound, ServiceError
+from services.errors import (BadGateway, Conflict, Forbidden, Invalid, NotFound, ServiceError,
+                            Unavailable)
 from services.inference import Reply, Target
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,14 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
     build the body to run. Raises NotFound (agent, thread, personality),
     Forbidden (another token's thread), Unavailable (inactive virtual agent),
     Invalid (tool results without a thread), Conflict (a concurrent turn took
-    the same place in the thread)."""
+    the same place in the thread). A row known to be inactive (agent or LLM)
+    is refused here, before anything is stored: there is no turn to record."""
     agent = agents.get_usable_agent(session, agent_name)
     system, defaults = agents.persona(session, agent, request.get("personality"))
     target = inference.resolve(session, agent.llm.name)
+    if target.status == Status.INACTIVE:
+        raise Unavailable(f"Virtual LLM '{target.name}' is inactive; publisher offline",
+                          code="publisher_offline")
     thread = _thread_for_turn(session, agent, caller, request, now)
 
     history = [_context_message(m) for m in session.scalars(

@@ -189,7 +189,8 @@ def test_a_publisher_error_result_is_502_with_its_text(published, bus, chat, las
     assert last_assistant() == ("complete", "error", "")
 
 
-def test_an_inactive_virtual_llm_is_503_and_no_task_is_queued(app, published, bus, chat):
+def test_an_inactive_virtual_llm_is_503_no_task_is_queued_and_nothing_stored(
+        app, client, auth, published, bus, chat):
     published()
     with app.app_context():
         db.session.execute(sa.update(Llm).values(status="inactive", inactive_since=utcnow()))
@@ -197,15 +198,19 @@ def test_an_inactive_virtual_llm_is_503_and_no_task_is_queued(app, published, bu
     with FakePublisher(bus, answer_with("never")) as publisher:
         response = chat({"message": "hi"})
     assert response.status_code == 503
+    assert response.json["error"]["code"] == "publisher_offline"
     assert publisher.tasks == []
+    assert client.get(f"{API}/agents/local-coder/threads", headers=auth("client")).json == []
 
 
-def test_a_disconnected_publishers_agent_is_503(client, auth, published, chat):
+def test_a_disconnected_publishers_agent_is_503_and_nothing_stored(client, auth, published,
+                                                                   chat):
     published()
     client.delete(f"{API}/publishers/{SESSION}", headers=auth("publisher"))
     response = chat({"message": "hi"})
     assert response.status_code == 503
     assert "inactive" in response.json["error"]["message"]
+    assert client.get(f"{API}/agents/local-coder/threads", headers=auth("client")).json == []
 
 
 def test_a_hibernating_llm_is_woken_once_before_the_chat_is_relayed(published, bus, chat):
