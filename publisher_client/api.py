@@ -85,7 +85,12 @@ class SwitchboardAPI:
         except requests.RequestException as exc:
             raise ServerUnavailable(f"{method} {path}: {_short(exc)}") from None
         if response.status_code == expect:
-            return response.json() if response.content else {}
+            try:
+                return response.json() if response.content else {}
+            except ValueError:
+                # Typically a proxy's HTML page: worth retrying, not worth crashing on.
+                raise ServerUnavailable(f"{method} {path}: {response.status_code} with a "
+                                        "body that is not JSON", response.status_code) from None
         message, code = _error_of(response)
         text = f"{method} {path}: {response.status_code} {message}"
         status = response.status_code

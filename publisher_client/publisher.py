@@ -207,7 +207,8 @@ class Publisher:
 
     def dispatch(self, task: dict):
         """Start one task from a poll without blocking the poll loop."""
-        kind, task_id = task.get("kind"), task.get("task_id")
+        kind, task_id = (task.get("kind"), task.get("task_id")) if isinstance(task, dict) \
+            else (None, None)
         if not task_id:
             log.warning("ignoring a task without task_id: %r", task)
             return

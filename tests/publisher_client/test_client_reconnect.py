@@ -67,7 +67,7 @@ def stop_after_polls(publisher, replies):
         if isinstance(reply, Exception):
             raise reply
         status, body = reply
-        return status, {}, json.dumps(body)
+        return status, {}, body if isinstance(body, str) else json.dumps(body)
     return poll
 
 
@@ -141,3 +141,16 @@ def test_a_refused_token_ends_run_with_an_error(make_config, mocked):
 
     with pytest.raises(ServerError, match="401 unknown token"):
         Publisher(make_config()).run()
+
+
+def test_a_proxy_page_instead_of_json_is_retried_not_a_crash(make_config, mocked):
+    sleep = RecordedSleep()
+    mocked.post(f"{API}/publishers/register", json=register_reply("sess-1"), status=201)
+    publisher = Publisher(make_config(heartbeat_seconds=60), backoff=Backoff(sleep=sleep))
+    mocked.add_callback(responses.GET, f"{API}/publishers/sess-1/tasks",
+                        callback=stop_after_polls(publisher, [(200, "<html>Log in</html>")]))
+    mocked.delete(f"{API}/publishers/sess-1", status=204)
+
+    publisher.run()
+
+    assert len(sleep.delays) == 1
