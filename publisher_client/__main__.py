@@ -57,6 +57,8 @@ def main(argv=None) -> int:
 
 
 def _interrupt(signum, _frame):
+    # Once is enough: a second SIGTERM must not cut the session's DELETE short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

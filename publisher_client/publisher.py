@@ -112,7 +112,11 @@ class Publisher:
         self.session_id = reply["session_id"]
         self.generation += 1
         self.registered = True
-        save_session_id(self.config.session_file, self.config.server, self.session_id)
+        try:
+            save_session_id(self.config.session_file, self.config.server, self.session_id)
+        except OSError as exc:
+            log.warning("could not save the session id to %s (%s); a restart will start "
+                        "a new session", self.config.session_file, exc.strerror or exc)
         statuses = ", ".join(f"{row['name']} ({row.get('status', '?')})"
                              for row in reply.get("llms") or [])
         log.info("registered session %s: LLMs %s; %d agent(s)", self.session_id,
@@ -174,7 +178,10 @@ class Publisher:
             self.api.heartbeat(session_id)
             self._last_heartbeat = time.monotonic()
         except SessionNotFound:
-            self._register_again(generation)
+            try:
+                self._register_again(generation)
+            except PublisherError as exc:   # the poll loop meets it too, and ends run()
+                log.warning("registering again failed: %s", exc)
         except ServerUnavailable as exc:
             log.debug("heartbeat failed: %s", exc)   # the poll loop reports outages
         except ServerError as exc:

@@ -105,15 +105,18 @@ def test_openai_backend_is_relayed_plain_and_streamed(server, publishers, fake_o
     assert refused.json()["error"]["message"] == "context too long"
 
 
-def test_sigterm_disconnects_and_the_rows_go_inactive(server, publishers):
-    publisher = publishers([{"name": "e2e-term", "type": "echo"}], name="term")
-    assert llm_row(server, "e2e-term")["status"] == "active"
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_disconnects_and_the_rows_go_inactive(server, publishers, signum):
+    name = f"e2e-stop-{signum.name.lower()}"
+    publisher = publishers([{"name": name, "type": "echo"}], name=name)
+    assert llm_row(server, name)["status"] == "active"
 
-    assert publisher.terminate() == 0
+    publisher.process.send_signal(signum)
 
+    assert publisher.process.wait(15) == 0
     assert "disconnected session" in publisher.log_text()
-    assert llm_row(server, "e2e-term")["status"] == "inactive"
-    assert infer(server, "e2e-term", "anyone?").status_code == 503
+    assert llm_row(server, name)["status"] == "inactive"
+    assert infer(server, name, "anyone?").status_code == 503
 
 
 def test_sigkill_then_restart_keeps_the_session_and_rows(server, publishers):

@@ -202,3 +202,15 @@ def test_run_returns_after_stop_and_disconnects(make_config, mocked):
     publisher.run()
 
     assert [c.request.method for c in mocked.calls] == ["POST", "GET", "DELETE"]
+
+
+def test_an_unwritable_session_file_is_a_warning_not_a_crash(make_config, mocked, tmp_path,
+                                                             caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    mocked.post(f"{API}/publishers/register", json=register_reply(), status=201)
+
+    session_id = Publisher(make_config(session_file=str(blocker / "session.json"))).register()
+
+    assert session_id == "sess-1"
+    assert "could not save the session id" in caplog.text
