@@ -24,6 +24,7 @@ CLIENT_GONE = "The client went away before the answer finished"
 
 
 @bp.get("/agents/<name>/threads")
+@require("client")
 def list_threads(name):
     return [t.view() for t in chat.list_threads(db.session, name, caller())]
 
@@ -38,11 +39,13 @@ def create_thread(name):
 
 
 @bp.get("/threads/<thread_id>")
+@require("client")
 def get_thread(thread_id):
     return chat.get_thread(db.session, thread_id, caller()).view()
 
 
 @bp.get("/threads/<thread_id>/messages")
+@require("client")
 def list_messages(thread_id):
     return [m.view() for m in chat.list_messages(db.session, thread_id, caller())]
 

@@ -30,7 +30,8 @@ class Scope:
         return f"project '{self.name}'" if self.project_id else "global scope"
 
     def where(self):
-        return sa.and_(_is(Prompt.project_id, self.project_id), _is(Prompt.agent_id, self.agent_id))
+        return sa.and_(_is(Prompt.project_id, self.project_id),
+                       _is(Prompt.agent_id, self.agent_id))
 
 
 GLOBAL = Scope()
@@ -90,7 +91,7 @@ def resolve_for_agent(session, agent: Agent, names: list[str]) -> list[Prompt]:
     """The prompts `names` as the agent sees them, in order: each name from the
     agent's own prompts, else its project's, else the global ones. Raises
     NotFound naming every unknown prompt."""
-    visible = [Prompt.agent_id == agent.id, _is(Prompt.project_id, None) & _is(Prompt.agent_id, None)]
+    visible = [Prompt.agent_id == agent.id, GLOBAL.where()]
     if agent.project_id:
         visible.append(Prompt.project_id == agent.project_id)
     rows = session.scalars(sa.select(Prompt).where(Prompt.name.in_(set(names)), sa.or_(*visible)))

@@ -391,8 +391,10 @@ def test_an_unknown_thread_is_404(agent, client, auth):
     assert client.get(f"{API}/threads/nope/messages", headers=auth("client")).status_code == 404
 
 
-def test_a_publisher_may_not_chat(agent, chat):
+def test_a_publisher_may_neither_chat_nor_read_threads(agent, client, auth, chat):
     assert chat({"message": "hi"}, role="publisher").status_code == 403
+    assert client.get(f"{API}/agents/reviewer/threads",
+                      headers=auth("publisher")).status_code == 403
 
 
 def test_deleting_a_thread_deletes_its_messages(agent, client, auth, chat, upstream):

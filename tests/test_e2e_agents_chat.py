@@ -146,6 +146,27 @@ def test_a_failed_inference_leaves_the_user_message_and_an_error_message(
                                             ("assistant", "partial", "error")]
 
 
+def test_a_client_leaving_a_streamed_chat_leaves_an_error_message(server, http, api, fake,
+                                                                 public_agent):
+    public_agent("e2e-leaving")
+    fake.script(chunks=[f"word{i} " for i in range(20)], chunk_delay=0.2)
+    response = http.post(f"{server.url}/api/v1/agents/e2e-leaving/chat", stream=True,
+                         timeout=TIMEOUT, headers=server.headers("client"),
+                         json={"message": "talk slowly", "stream": True})
+    first = next(line for line in response.iter_lines(decode_unicode=True) if line)
+    assert json.loads(first[6:]) == {"type": "text", "delta": "word0 "}
+    response.close()  # hang up mid-answer
+    thread_id = api("client", "GET", "/agents/e2e-leaving/threads").json()[0]["id"]
+
+    def settled():
+        return messages(api, thread_id)[-1][2] != "pending"
+
+    assert wait_for(settled, timeout=10)
+    role, content, status = messages(api, thread_id)[-1]
+    assert (role, status) == ("assistant", "error")
+    assert content.startswith("word0 ") and "word19" not in content
+
+
 def test_deleting_an_llm_with_a_public_agent_is_409(api, public_agent):
     public_agent("e2e-pinned")
     refused = api("admin", "DELETE", "/llms/e2e-pinned-llm")
