@@ -151,7 +151,7 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
     """Store the caller's message (after any tool results) and a pending
     assistant message in the thread (a new one without `thread_id`), and
     build the body to run. Raises NotFound (agent, thread, personality),
-    Forbidden (another token's thread), Unavailable (inactive virtual agent),
+    Forbidden (another token's thread), Unavailable (inactive agent or LLM),
     Invalid (tool results without a thread), Conflict (a concurrent turn took
     the same place in the thread). A row known to be inactive (agent or LLM)
     is refused here, before anything is stored: there is no turn to record."""
