@@ -4,15 +4,12 @@ Errors come back as exceptions: ServerUnavailable (unreachable, timed out,
 5xx: retry later), SessionNotFound (register again), TaskGone (stop work on
 the task), ServerError (anything else; not worth retrying).
 """
-import logging
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from publisher_client import __version__
 from publisher_client.errors import ServerError, ServerUnavailable, SessionNotFound, TaskGone
-
-log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 30.0

@@ -8,7 +8,6 @@ at any moment: the socket is shut down, so a blocked read returns at once
 and the backend sees the client go away.
 """
 import json
-import logging
 import threading
 import time
 import uuid
@@ -20,8 +19,6 @@ from requests.adapters import HTTPAdapter
 
 from publisher_client.config import LlmConfig
 from publisher_client.errors import BackendUnavailable
-
-log = logging.getLogger(__name__)
 
 DONE = "[DONE]"
 CONNECT_TIMEOUT = 5.0
