@@ -37,15 +37,19 @@ class Reply:
     content_type: str = "application/json"
 
 
+# Built once with a bound parameter, so it is compiled and cache-keyed once,
+# and run on the session's connection, skipping the ORM layer: this is the
+# per-inference read.
 _TARGET_QUERY = (
     sa.select(Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key,
               Llm.provider_session_id, PublisherSession.owner)
-    .outerjoin(PublisherSession, PublisherSession.id == Llm.provider_session_id))
+    .outerjoin(PublisherSession, PublisherSession.id == Llm.provider_session_id)
+    .where(Llm.name == sa.bindparam("name")))
 
 
 def resolve(session, name: str) -> Target:
     """The LLM called `name`, as a Target. Raises NotFound."""
-    row = session.execute(_TARGET_QUERY.where(Llm.name == name)).first()
+    row = session.connection().execute(_TARGET_QUERY, {"name": name}).first()
     if row is None:
         raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
     return Target(*row)

@@ -1,7 +1,11 @@
 """Proxying to a public LLM's OpenAI-compatible upstream.
 
-One pooled `requests` session per process; every call has a (connect, read)
-timeout. Under the gevent worker its sockets are cooperative.
+One pooled `requests` transport adapter per process; every call has a
+(connect, read) timeout. Under the gevent worker its sockets are cooperative.
+Calls go to the adapter, not through a `requests.Session`: a session's
+per-call merging of settings, cookies and environment is most of requests'
+cost, and a shared cookie jar would carry one client's upstream cookies to
+another's calls.
 """
 import logging
 
@@ -17,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # requests wraps urllib3's errors on the way in; reading the raw stream raises them bare.
 UPSTREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+MAX_TEMPLATES = 1024
 
 
 class Upstream:
@@ -24,11 +29,8 @@ class Upstream:
         self.timeout = (connect_timeout, read_timeout)
         # For a stream the read timeout bounds the silence between two reads.
         self.stream_timeout = (connect_timeout, stream_idle_timeout)
-        self.http = requests.Session()
-        self.http.trust_env = False  # upstream URLs are the operator's, not the proxy env's
-        adapter = HTTPAdapter(pool_connections=32, pool_maxsize=64, max_retries=0)
-        self.http.mount("http://", adapter)
-        self.http.mount("https://", adapter)
+        self.adapter = HTTPAdapter(pool_connections=32, pool_maxsize=64, max_retries=0)
+        self._templates: dict[str, requests.PreparedRequest] = {}
 
     def forward(self, target: Target, body: dict) -> Reply:
         """Send the chat-completions body upstream and return its reply as it is.
@@ -37,15 +39,10 @@ class Upstream:
         Raises BadGateway when the upstream cannot be reached or breaks first.
         """
         streaming = body.get("stream") is True
-        headers = {"Content-Type": "application/json"}
-        if target.api_key:
-            headers["Authorization"] = f"Bearer {target.api_key}"
-        url = target.url.rstrip("/") + "/chat/completions"
         try:
-            response = self.http.post(
-                url, data=dumps(body), headers=headers, stream=streaming,
-                timeout=self.stream_timeout if streaming else self.timeout,
-                allow_redirects=False)
+            response = self.adapter.send(
+                self._request(target, dumps(body)), stream=streaming,
+                timeout=self.stream_timeout if streaming else self.timeout)
             content_type = response.headers.get("Content-Type", "application/json")
             if not (streaming and response.status_code == 200
                     and content_type.startswith("text/event-stream")):
@@ -73,6 +70,25 @@ class Upstream:
                                              "upstream_stream_broken")) + b"\n\n"
         finally:
             response.close()
+
+    def _request(self, target: Target, data: bytes) -> requests.PreparedRequest:
+        """The POST to the target's `/chat/completions`. Its URL is parsed and
+        checked once, into a template copied per call."""
+        template = self._templates.get(target.url)
+        if template is None:
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()
+            template = requests.Request(
+                "POST", target.url.rstrip("/") + "/chat/completions",
+                headers={"Content-Type": "application/json", "User-Agent": "switchboard"},
+            ).prepare()
+            self._templates[target.url] = template
+        request = template.copy()
+        request.body = data
+        request.headers["Content-Length"] = str(len(data))
+        if target.api_key:
+            request.headers["Authorization"] = f"Bearer {target.api_key}"
+        return request
 
 
 def _as_they_arrive(raw, size=65536):

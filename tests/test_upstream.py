@@ -127,6 +127,13 @@ def test_connections_to_an_upstream_are_reused(upstream, fake_openai):
     assert len({r["client_port"] for r in fake_openai.requests}) == 1
 
 
+def test_an_upstreams_cookie_is_not_sent_with_later_calls(upstream, fake_openai):
+    fake_openai.script(body={"choices": []}, headers={"Set-Cookie": "session=client-a"})
+    upstream.forward(target(url=fake_openai.url), CHAT)
+    upstream.forward(target(url=fake_openai.url), CHAT)
+    assert "Cookie" not in fake_openai.requests[-1]["headers"]
+
+
 # -- streams ---------------------------------------------------------------------
 
 def test_a_stream_comes_back_as_server_sent_events(upstream, mocked):
