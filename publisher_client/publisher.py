@@ -299,13 +299,11 @@ class Publisher:
     def _relay_stream(self, task_id, llm, chunks, call, started):
         stream = ChunkStream(functools.partial(self.api.post_chunks, task_id),
                              on_gone=call.abort)
-        last = None
         try:
             for data in chunks:
+                if data == DONE:   # sent with the final batch (and added if missing)
+                    break
                 stream.put(data)
-                last = data
-            if last != DONE:   # the server expects the stream to end with [DONE]
-                stream.put(DONE)
         except BackendUnavailable:
             stream.finish(done=False)   # the client keeps what it has, then gets the error
             raise
@@ -314,7 +312,7 @@ class Publisher:
             raise
         finally:
             chunks.close()
-        if stream.finish(done=True):
+        if stream.finish(done=True, last=DONE):
             log.info("task %s (%s, stream) done in %d ms: %d chunks in %d posts", task_id,
                      llm.name, _ms_since(started), stream.sent, stream.posts)
         else:

@@ -23,8 +23,9 @@ MAX_ATTEMPTS = 8         # per batch, with backoff: about a minute of server tro
 
 
 class _End:
-    def __init__(self, done: bool):
+    def __init__(self, done: bool, last: str | None = None):
         self.done = done
+        self.last = last
 
 
 class ChunkStream:
@@ -53,10 +54,14 @@ class ChunkStream:
     def put(self, data: str):
         self._queue.put(data)
 
-    def finish(self, done: bool = True, timeout: float | None = None) -> bool:
-        """Flush what is queued (the last batch carries `done`) and wait for
-        the sender. Returns False when the stream stopped early (gone)."""
-        self._queue.put(_End(done))
+    def finish(self, done: bool = True, last: str | None = None,
+               timeout: float | None = None) -> bool:
+        """Flush what is queued and wait for the sender. The last batch
+        carries `done` and ends with `last` (the stream's "[DONE]": in the
+        same post as `done`, a client never sees the end of a stream the
+        server does not know has ended). Returns False when the stream
+        stopped early (gone)."""
+        self._queue.put(_End(done, last))
         self._thread.join(timeout)
         return not self.gone.is_set()
 
@@ -85,7 +90,7 @@ class ChunkStream:
     def _take_batch(self) -> tuple[list[str], _End | None]:
         first = self._queue.get()
         if isinstance(first, _End):
-            return [], first
+            return ([first.last] if first.last is not None else []), first
         batch, size = [first], len(first)
         deadline = self.clock() + self.linger
         while len(batch) < self.max_chunks and size < self.max_bytes:
@@ -100,6 +105,8 @@ class ChunkStream:
                 except queue.Empty:
                     break
             if isinstance(item, _End):
+                if item.last is not None:
+                    batch.append(item.last)
                 return batch, item
             batch.append(item)
             size += len(item)

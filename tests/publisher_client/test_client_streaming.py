@@ -158,3 +158,27 @@ def test_cancel_drops_what_is_queued():
 
     assert not stream._thread.is_alive()
     assert post.batches == []
+
+
+def test_the_final_chunk_rides_with_done_even_after_a_pause():
+    """A client must never read [DONE] before the server knows the stream
+    ended: the last chunk and `done` go in one post."""
+    post = RecordingPost()
+    stream = ChunkStream(post, linger=0.01)
+    stream.put("a")
+    wait_for(lambda: post.batches, what="the first batch")
+    time.sleep(0.05)   # the backend is slow to finish
+
+    stream.finish(done=True, last="[DONE]")
+
+    assert post.batches == [(["a"], 0, False), (["[DONE]"], 1, True)]
+
+
+def test_the_final_chunk_joins_a_batch_still_gathering():
+    post = RecordingPost()
+    stream = ChunkStream(post, linger=1.0)
+    stream.put("a")
+
+    stream.finish(done=True, last="[DONE]")
+
+    assert post.batches == [(["a", "[DONE]"], 0, True)]
