@@ -136,6 +136,19 @@ def test_sigkill_then_restart_keeps_the_session_and_rows(server, publishers):
              what="the restarted publisher to answer")
 
 
+def test_a_restart_after_sigterm_takes_the_same_rows_back(server, publishers):
+    publisher = publishers([{"name": "e2e-restart", "type": "echo"}], name="restart")
+    before = llm_row(server, "e2e-restart")
+    assert publisher.terminate() == 0
+
+    publisher.start()
+
+    after = llm_row(server, "e2e-restart")
+    assert (after["id"], after["provider_session_id"], after["status"]) == \
+        (before["id"], before["provider_session_id"], "active")
+    assert infer(server, "e2e-restart", "back again").status_code == 200
+
+
 def test_command_wake_recipe_starts_a_stopped_backend_on_the_first_request(
         server, publishers, tmp_path):
     port, pid_file = free_port(), tmp_path / "backend.pid"
