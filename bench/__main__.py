@@ -1,7 +1,10 @@
 """Switchboard's overhead: the same chat-completions requests straight to a
 fast fake upstream and through Switchboard, at each concurrency, streamed and
 not, in one run. Prints p50/p99 latency and throughput per scenario and how
-each compares with `direct`.
+each compares with `direct`, and the CPU time one request costs the
+scenario's server process (the fake upstream for `direct`, the gunicorn
+worker for `switchboard`): a figure that noise from other processes on the
+machine moves much less than latency or throughput.
 
     python -m bench                       # or: make bench
     python -m bench --duration 2 --concurrency 1,4,16 --modes plain
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 from bench.load import LoadResult, run_load
 from bench.scenarios import BASELINE, SCENARIOS
-from bench.server import BenchContext
+from bench.server import BenchContext, cpu_seconds
 
 MODES = {"plain": False, "stream": True}
 TARGET_ADDED_P50_MS = 1.5
@@ -37,6 +40,13 @@ class Cell:
     concurrency: int
     scenario: str
     result: LoadResult
+    cpu: float | None = None  # seconds of the scenario's server processes
+
+    @property
+    def cpu_per_request_ms(self) -> float:
+        if self.cpu is None or not self.result.count:
+            return float("nan")
+        return 1000 * self.cpu / self.result.count
 
 
 def run(args) -> list[Cell]:
@@ -55,8 +65,12 @@ def run(args) -> list[Cell]:
                                 max_requests=args.max_requests)
                     if args.warmup:
                         run_load(url, headers, body, duration=args.warmup, **load)
+                    pids = scenario.server_pids(ctx)
+                    cpu_before = cpu_seconds(pids)
                     result = run_load(url, headers, body, duration=args.duration, **load)
-                    cells.append(Cell(mode, concurrency, scenario.name, result))
+                    cpu_after = cpu_seconds(pids)
+                    cpu = None if None in (cpu_before, cpu_after) else cpu_after - cpu_before
+                    cells.append(Cell(mode, concurrency, scenario.name, result, cpu))
                     print(f"  {mode:6} c={concurrency:<3} {scenario.name:12} "
                           f"{result.count:7d} ok {result.error_count:5d} errors",
                           file=sys.stderr, flush=True)
@@ -69,14 +83,14 @@ def run(args) -> list[Cell]:
 
 def table(cells: list[Cell]) -> str:
     header = (f"{'mode':6} {'c':>3}  {'scenario':12} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'req/s':>8} {'errors':>6}  {'+p50 ms':>8} {'% direct':>8}")
+              f"{'req/s':>8} {'errors':>6} {'cpu/req ms':>10}  {'+p50 ms':>8} {'% direct':>8}")
     lines = [header, "-" * len(header)]
     baselines = {(c.mode, c.concurrency): c.result for c in cells if c.scenario == BASELINE}
     for cell in cells:
         r = cell.result
         line = (f"{cell.mode:6} {cell.concurrency:3d}  {cell.scenario:12} "
                 f"{r.percentile(50):8.2f} {r.percentile(99):8.2f} {r.throughput:8.0f} "
-                f"{r.error_count:6d}")
+                f"{r.error_count:6d} {cell.cpu_per_request_ms:10.3f}")
         base = baselines.get((cell.mode, cell.concurrency))
         if base is not None and cell.scenario != BASELINE:
             line += (f"  {r.percentile(50) - base.percentile(50):8.2f} "

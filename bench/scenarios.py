@@ -9,7 +9,7 @@ To add one (e.g. `relay`: a test publisher answering a virtual LLM through
 the long-poll protocol, its backend being `ctx.upstream.url`), subclass
 Scenario and add it to SCENARIOS.
 """
-from bench.server import BenchContext
+from bench.server import BenchContext, child_pids
 
 
 class Scenario:
@@ -23,6 +23,10 @@ class Scenario:
         """(URL to POST a chat-completions body to, extra headers)."""
         raise NotImplementedError
 
+    def server_pids(self, ctx: BenchContext) -> list[int]:
+        """The processes whose CPU time a request costs (the table's `cpu/req`)."""
+        return []
+
     def close(self) -> None:
         """Stop what `prepare` started."""
 
@@ -33,6 +37,9 @@ class Direct(Scenario):
 
     def endpoint(self, ctx):
         return f"{ctx.upstream.url}/chat/completions", {}
+
+    def server_pids(self, ctx):
+        return [ctx.upstream.process.pid]
 
 
 class SwitchboardPublic(Scenario):
@@ -46,6 +53,9 @@ class SwitchboardPublic(Scenario):
     def endpoint(self, ctx):
         server = ctx.switchboard()
         return f"{server.url}/api/v1/llms/{self.llm}/infer", server.headers("client")
+
+    def server_pids(self, ctx):
+        return child_pids(ctx.switchboard().process.pid)  # the gunicorn worker
 
 
 SCENARIOS = {scenario.name: scenario for scenario in (Direct, SwitchboardPublic)}

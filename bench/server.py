@@ -1,5 +1,6 @@
 """The processes a bench run needs: the fake upstream and Switchboard itself
 (gunicorn + gevent, one worker, a temp SQLite file; see tests/support/live.py)."""
+import os
 import subprocess
 import sys
 import tempfile
@@ -9,6 +10,32 @@ from pathlib import Path
 import requests
 
 from tests.support.live import REPO_ROOT, LiveServer, free_port, start_server
+
+
+def cpu_seconds(pids) -> float | None:
+    """User + system CPU time of these processes so far (Linux /proc), or None."""
+    total = 0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (gunicorn's workers), Linux only."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        children = []
+        for task in tasks:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        return children
+    except OSError:
+        return []
 
 
 class FakeUpstream:

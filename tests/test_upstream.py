@@ -15,7 +15,7 @@ from responses import matchers
 from services.errors import BadGateway
 from services.inference import Target
 from services.relay import Relay
-from services.upstream import Upstream
+from services.upstream import Upstream, _HTTPConnection
 from settings import DEFAULTS
 from tests.support.live import free_port
 
@@ -189,3 +189,40 @@ def test_a_stream_broken_midway_ends_with_an_error_event(upstream, fake_openai):
     assert "gpt-x" in last["error"]["message"]
     assert b"[DONE]" not in b"".join(events)
 
+
+
+# -- the connection ------------------------------------------------------------------
+
+class RecordingSocket:
+    def __init__(self):
+        self.writes = []
+
+    def settimeout(self, timeout):
+        pass
+
+    def sendall(self, data):
+        self.writes.append(bytes(data))
+
+
+def test_a_request_goes_out_in_one_write():
+    connection = _HTTPConnection("upstream.test", 80)
+    connection.sock = RecordingSocket()
+    connection.request("POST", "/v1/chat/completions", body=b'{"model": "m"}',
+                       headers={"Content-Type": "application/json"})
+    assert len(connection.sock.writes) == 1
+    assert connection.sock.writes[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert connection.sock.writes[0].endswith(b'\r\n\r\n{"model": "m"}')
+
+
+def test_a_request_without_a_body_still_sends_its_head():
+    connection = _HTTPConnection("upstream.test", 80)
+    connection.sock = RecordingSocket()
+    connection.request("GET", "/v1/models")
+    assert len(connection.sock.writes) == 1
+    assert connection.sock.writes[0].endswith(b"\r\n\r\n")
+
+
+def test_the_adapter_pools_one_write_connections(upstream, fake_openai):
+    upstream.forward(target(url=fake_openai.url), CHAT)
+    pool = upstream.adapter.poolmanager.connection_from_url(fake_openai.url)
+    assert pool.ConnectionCls is _HTTPConnection
