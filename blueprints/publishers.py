@@ -1,6 +1,6 @@
 """The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
-import select
-import socket
+import _socket
+import os
 
 from flask import Blueprint, current_app, request
 
@@ -85,11 +85,19 @@ def _peer_connected(environ):
         return None
 
     def connected():
+        # A plain (not gevent) duplicate of the socket: a peek that never waits.
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return not readable or sock.recv(1, socket.MSG_PEEK) != b""
+            probe = _socket.socket(fileno=os.dup(sock.fileno()))
         except OSError:
             return False
+        try:
+            return probe.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: still connected
+        except OSError:
+            return False
+        finally:
+            probe.close()
     return connected
 
 
