@@ -2,7 +2,7 @@
 import functools
 
 from flask import g, request
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from extensions import db
 from models import utcnow
@@ -40,6 +40,7 @@ def require(*roles):
 
 def json_body(schema=None, **load_kwargs):
     """The request's JSON object, validated by `schema` when given."""
+    reject_oversized_stream()
     try:
         data = request.get_json(force=True)
     except BadRequest:
@@ -47,3 +48,17 @@ def json_body(schema=None, **load_kwargs):
     if not isinstance(data, dict):
         raise Invalid("The body must be a JSON object", code="malformed_json")
     return schema.load(data, **load_kwargs) if schema is not None else data
+
+
+def reject_oversized_stream():
+    """413 for a body without Content-Length (chunked) over MAX_CONTENT_LENGTH.
+
+    Werkzeug stops reading such a body at the limit and hands back the
+    truncated bytes, which would otherwise be a misleading 400. A body of
+    exactly the limit is fine: the server's input then has nothing more.
+    """
+    limit = request.max_content_length
+    if request.content_length is not None or limit is None:
+        return  # Werkzeug checks a declared length itself
+    if len(request.get_data(cache=True)) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()

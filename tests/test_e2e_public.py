@@ -129,6 +129,19 @@ def test_a_body_over_the_limit_is_a_413_envelope(server, http, llm):
     assert response.json()["error"]["code"] == "body_too_large"
 
 
+def test_a_chunked_body_over_the_limit_is_a_413_envelope(server, http, llm):
+    def body():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(5 * 16):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    response = http.post(f"{server.url}/api/v1/llms/{llm}/infer", data=body(), timeout=10,
+                         headers={**server.headers("client"), "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
 def test_a_token_revoked_with_the_cli_is_refused_by_the_running_server(server, http):
     token = server.flask("tokens", "create", "short-lived", "--role", "client").stdout.strip()
     headers = {"Authorization": f"Bearer {token}"}

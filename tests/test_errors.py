@@ -1,5 +1,6 @@
 """Every error is OpenAI's envelope; a 500 says nothing of its cause; the api
 key never leaves the server, in a response or a log line."""
+import io
 import logging
 
 import pytest
@@ -51,6 +52,27 @@ def test_a_body_over_max_body_bytes_is_a_413_envelope(client, auth, path):
     body = {"name": "x", "padding": "a" * MAX_BODY}
     response = client.post(path, json=body, headers=auth("admin"))
     assert envelope_of(response, 413)["code"] == "body_too_large"
+
+
+def chunked(client, path, body: bytes, headers):
+    """POST without Content-Length, as a chunked upload reaches the app under gunicorn."""
+    return client.post(path, headers=headers, content_type="application/json",
+                       environ_overrides={"wsgi.input": io.BytesIO(body),
+                                          "wsgi.input_terminated": True,
+                                          "HTTP_TRANSFER_ENCODING": "chunked"})
+
+
+def test_a_chunked_body_over_max_body_bytes_is_a_413_envelope(client, auth):
+    body = b'{"name": "x", "padding": "' + b"a" * MAX_BODY + b'"}'
+    response = chunked(client, "/api/v1/llms", body, auth("admin"))
+    assert envelope_of(response, 413)["code"] == "body_too_large"
+
+
+def test_a_chunked_body_of_exactly_max_body_bytes_is_read(client, auth):
+    body = b'{"name": "exact", "model": "m", "url": "http://127.0.0.1:9/v1", "description": "'
+    body += b"a" * (MAX_BODY - len(body) - 2) + b'"}'
+    assert len(body) == MAX_BODY
+    assert chunked(client, "/api/v1/llms", body, auth("admin")).status_code == 201
 
 
 def test_a_body_just_under_the_limit_is_read(client, auth):
