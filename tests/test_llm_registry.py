@@ -194,3 +194,22 @@ def test_a_json_array_body_is_400(client, auth):
 def test_an_empty_body_is_400(client, auth):
     response = client.post(LLMS, data=b"", headers=auth("admin"))
     assert_error(response, 400, "malformed_json")
+
+
+def test_an_update_racing_another_is_a_version_conflict(app, created):
+    from extensions import db
+    from services import registry
+    from services.errors import Conflict
+
+    with app.app_context():
+        mine = db.session()
+        loaded = registry.get_llm(mine, "gpt-x")  # this request read version 1 ...
+        assert loaded.version == 1
+        with app.app_context():  # ... and another request commits before it writes
+            registry.update_llm(db.session, "gpt-x", {"description": "theirs"})
+            db.session.commit()
+        with pytest.raises(Conflict) as caught:
+            registry.update_llm(mine, "gpt-x", {"description": "mine"})
+        assert caught.value.code == "version_conflict"
+    with app.app_context():
+        assert registry.get_llm(db.session, "gpt-x").description == "theirs"
