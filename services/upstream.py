@@ -8,6 +8,7 @@ cost, and a shared cookie jar would carry one client's upstream cookies to
 another's calls.
 """
 import logging
+import select
 
 import requests
 import urllib3
@@ -18,6 +19,12 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from jsonio import dumps
 from services.errors import BadGateway, envelope
 from services.inference import Reply, Target
+
+try:  # the system call itself, even when gevent has patched `select`
+    from gevent.monkey import get_original
+    _poll = get_original("select", "poll")
+except ImportError:  # pragma: no cover - gevent is a dependency
+    _poll = select.poll
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +126,26 @@ class _OneSegmentRequests:
         super().send(data)
 
 
-class _HTTPConnection(_OneSegmentRequests, HTTPConnection):
+class _QuickLivenessCheck:
+    """urllib3 checks a pooled connection before reusing it with a
+    zero-timeout poll, which gevent's patched `select` routes through its hub
+    (~14 µs instead of ~1). A zero timeout never blocks: the plain system call
+    does."""
+
+    @property
+    def is_connected(self):
+        if self.sock is None:
+            return False
+        poller = _poll()
+        poller.register(self.sock, select.POLLIN)
+        return not poller.poll(0)  # readable while idle: closed, or stray bytes
+
+
+class _HTTPConnection(_OneSegmentRequests, _QuickLivenessCheck, HTTPConnection):
     pass
 
 
-class _HTTPSConnection(_OneSegmentRequests, HTTPSConnection):
+class _HTTPSConnection(_OneSegmentRequests, _QuickLivenessCheck, HTTPSConnection):
     pass
 
 

@@ -222,6 +222,34 @@ def test_a_request_without_a_body_still_sends_its_head():
     assert connection.sock.writes[0].endswith(b"\r\n\r\n")
 
 
+def test_an_idle_connection_is_connected_until_its_peer_closes():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    connection = _HTTPConnection("upstream.test", 80)
+    connection.sock = ours
+    assert connection.is_connected
+    theirs.close()
+    assert not connection.is_connected
+    ours.close()
+
+
+def test_a_connection_with_stray_bytes_waiting_is_not_reused():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    connection = _HTTPConnection("upstream.test", 80)
+    connection.sock = ours
+    theirs.sendall(b"HTTP/1.1 200 OK\r\n")  # a late answer: the stream is out of step
+    assert not connection.is_connected
+    ours.close()
+    theirs.close()
+
+
+def test_an_unconnected_connection_is_not_connected():
+    assert not _HTTPConnection("upstream.test", 80).is_connected
+
+
 def test_the_adapter_pools_one_write_connections(upstream, fake_openai):
     upstream.forward(target(url=fake_openai.url), CHAT)
     pool = upstream.adapter.poolmanager.connection_from_url(fake_openai.url)
