@@ -21,3 +21,5 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.held_polls
+	$(BIN)/python -m bench.gc_sweep

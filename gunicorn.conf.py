@@ -4,6 +4,7 @@ One gevent worker process holds thousands of long-polls and waiting requests
 at once. The in-memory task bus lives inside that process, so there must be
 exactly one worker unless REDIS_URL selects the Redis bus.
 """
+import logging
 import os
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
@@ -17,6 +18,12 @@ timeout = 30
 graceful_timeout = 30
 accesslog = os.environ.get("ACCESS_LOG") or None
 loglevel = os.environ.get("LOG_LEVEL", "info")
+
+# The app's own loggers (`logging.getLogger(__name__)`) go to stderr with
+# timestamps; gunicorn keeps its own handlers for its lines.
+logging.basicConfig(level=loglevel.upper(),
+                    format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                    datefmt="[%Y-%m-%d %H:%M:%S %z]")
 
 
 def when_ready(server):

@@ -15,6 +15,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 @dataclass
 class LoadResult:
     latencies: list[float] = field(default_factory=list)  # seconds, successful requests
+    first_bytes: list[float] = field(default_factory=list)  # seconds to the first body bytes
     errors: dict[str, int] = field(default_factory=dict)  # "status 502" / exception name → count
     elapsed: float = 0.0
 
@@ -30,13 +31,15 @@ class LoadResult:
     def throughput(self) -> float:
         return self.count / self.elapsed if self.elapsed else 0.0
 
-    def percentile(self, p: float) -> float:
-        """The p-th percentile latency in milliseconds."""
-        if not self.latencies:
+    def percentile(self, p: float, of: str = "latencies") -> float:
+        """The p-th percentile in milliseconds of `latencies` (to the last byte)
+        or `first_bytes` (a stream's time to its first chunk)."""
+        values = getattr(self, of)
+        if not values:
             return float("nan")
-        if len(self.latencies) == 1:
-            return self.latencies[0] * 1000
-        return statistics.quantiles(self.latencies, n=100, method="inclusive")[p - 1] * 1000
+        if len(values) == 1:
+            return values[0] * 1000
+        return statistics.quantiles(values, n=100, method="inclusive")[p - 1] * 1000
 
 
 async def _run(url, headers, body, *, concurrency, duration, max_requests, stream):
@@ -57,8 +60,9 @@ async def _run(url, headers, body, *, concurrency, duration, max_requests, strea
                 try:
                     async with session.post(url, data=body, headers=headers) as response:
                         if stream:
+                            first = None
                             async for _ in response.content.iter_any():
-                                pass
+                                first = first or time.perf_counter()
                         else:
                             await response.read()
                         ok = response.status == 200
@@ -67,6 +71,8 @@ async def _run(url, headers, body, *, concurrency, duration, max_requests, strea
                     ok, error = False, type(exc).__name__
                 if ok:
                     result.latencies.append(time.perf_counter() - sent)
+                    if stream and first:
+                        result.first_bytes.append(first - sent)
                 else:
                     result.errors[error] = result.errors.get(error, 0) + 1
 

@@ -5,16 +5,22 @@ rows through `ctx`, a BenchContext) and then names the URL and headers the
 load generator posts the same chat-completions body to. `direct` is the
 baseline every other scenario is compared with.
 
-To add one (e.g. `relay`: a test publisher answering a virtual LLM through
-the long-poll protocol, its backend being `ctx.upstream.url`), subclass
-Scenario and add it to SCENARIOS.
+To add one, subclass Scenario and add it to SCENARIOS. `targets` are what
+the run is judged by against `direct` (2-core machine).
 """
+import subprocess
+import sys
+
 from bench.server import BenchContext, child_pids
+from tests.support.live import REPO_ROOT
 
 
 class Scenario:
     name = ""
     description = ""
+    # added_p50_ms: at c=1, over direct; ttfc_ms: a stream's added time to its
+    # first chunk at c=1; throughput_ratio: at c=16, of direct.
+    targets: dict = {}
 
     def prepare(self, ctx: BenchContext) -> None:
         """Start what the scenario needs; called once before any load."""
@@ -45,6 +51,7 @@ class Direct(Scenario):
 class SwitchboardPublic(Scenario):
     name = "switchboard"
     description = "a public LLM through Switchboard's /api/v1/llms/<name>/infer"
+    targets = {"added_p50_ms": 1.5, "throughput_ratio": 0.06}
     llm = "bench-public"
 
     def prepare(self, ctx):
@@ -58,5 +65,39 @@ class SwitchboardPublic(Scenario):
         return child_pids(ctx.switchboard().process.pid)  # the gunicorn worker
 
 
-SCENARIOS = {scenario.name: scenario for scenario in (Direct, SwitchboardPublic)}
+class Relay(Scenario):
+    name = "relay"
+    description = ("a virtual LLM: Switchboard relays to a publisher long-polling on "
+                   "loopback (bench/relay_publisher.py), which asks the fake upstream")
+    targets = {"added_p50_ms": 4.0, "ttfc_ms": 5.0, "throughput_ratio": 0.03}
+    llm = "bench-relay"
+
+    def __init__(self):
+        self.publisher = None
+
+    def prepare(self, ctx):
+        server = ctx.switchboard()
+        self.publisher = subprocess.Popen(
+            [sys.executable, "-m", "bench.relay_publisher", "--server", server.url,
+             "--token", server.tokens["publisher"], "--upstream", ctx.upstream.url,
+             "--llm", self.llm], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+        line = self.publisher.stdout.readline()
+        if not line.startswith("ready"):
+            self.close()
+            raise RuntimeError(f"the relay publisher did not start: {line!r}")
+
+    def endpoint(self, ctx):
+        server = ctx.switchboard()
+        return f"{server.url}/api/v1/llms/{self.llm}/infer", server.headers("client")
+
+    def server_pids(self, ctx):
+        return child_pids(ctx.switchboard().process.pid)
+
+    def close(self):
+        if self.publisher is not None and self.publisher.poll() is None:
+            self.publisher.terminate()
+            self.publisher.wait(5)
+
+
+SCENARIOS = {scenario.name: scenario for scenario in (Direct, SwitchboardPublic, Relay)}
 BASELINE = Direct.name

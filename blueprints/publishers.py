@@ -1,5 +1,6 @@
 """The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
 import _socket
+import logging
 import os
 
 from flask import Blueprint, current_app, request
@@ -12,6 +13,7 @@ from services import lifecycle
 from services.errors import Invalid
 
 bp = Blueprint("publishers", __name__)
+log = logging.getLogger(__name__)
 
 
 def bus():
@@ -50,9 +52,11 @@ def poll(session_id):
 @bp.delete("/publishers/<session_id>")
 @require("publisher")
 def disconnect(session_id):
-    lifecycle.disconnect(db.session, caller(), session_id, utcnow())
+    rows = lifecycle.disconnect(db.session, caller(), session_id, utcnow())
     db.session.commit()
-    bus().drop_session(session_id, "publisher disconnected")
+    failed = bus().drop_session(session_id, "publisher disconnected")
+    log.info("session %s disconnected: %d rows inactive, %d tasks failed", session_id, rows,
+             failed)
     return "", 204
 
 

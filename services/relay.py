@@ -88,8 +88,11 @@ class Relay:
         task = {"kind": "wake", "llm": target.name}
         args = self._task_args(target, self.timeouts.wake, share_key=f"wake:{target.name}")
         with self.bus.open_task(target.session_id, task, **args) as task_id:
+            log.info("waiting for LLM %s to wake (task %s)", target.name, task_id)
             while (outcome := self.bus.wait_result(task_id, keepalive)) is None:
                 yield None
+        if "error" in outcome or not 200 <= int(outcome.get("status", 0)) < 300:
+            log.warning("waking LLM %s failed", target.name)
         if "error" in outcome:
             raise BadGateway(f"Waking LLM '{target.name}' failed: {outcome['error']}",
                              code="wake_failed")

@@ -1,0 +1,81 @@
+"""`flask gc-sweep` over 100,000 virtual LLMs on SQLite: wall time of the real
+command (process start included) and of the sweep itself.
+
+    python -m bench.gc_sweep              # 100,000 rows
+    python -m bench.gc_sweep --rows 20000
+
+Rows: 40% heartbeat-stale active, 10% stale hibernating, 25% inactive past the
+retention, 15% fresh, 10% public. Target (2-core machine): <= 2 s.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from tests.support.live import REPO_ROOT, run_flask, server_env, venv_bin
+
+TARGET_SECONDS = 2.0
+
+
+def populate(db_url, rows):
+    from models import Llm, new_id, utcnow
+
+    now = utcnow()
+    shares = [  # (share, fields)
+        (0.40, {"status": "active", "last_heartbeat_at": now - timedelta(minutes=5)}),
+        (0.10, {"status": "hibernating", "last_heartbeat_at": now - timedelta(minutes=5)}),
+        (0.25, {"status": "inactive", "last_heartbeat_at": now - timedelta(hours=6),
+                "inactive_since": now - timedelta(hours=5)}),
+        (0.15, {"status": "active", "last_heartbeat_at": now}),
+        (0.10, {"status": "active", "kind": "public", "provider_session_id": None}),
+    ]
+    engine = sa.create_engine(db_url)
+    with engine.begin() as connection:
+        for index, (share, fields) in enumerate(shares):
+            connection.execute(sa.insert(Llm), [
+                {"id": new_id(), "name": f"row-{index}-{i}", "model": "m", "url": "",
+                 "type": "openai", "tier": "fast", "description": "", "extra_config": {},
+                 "version": 1, "created_at": now, "updated_at": now, "kind": "virtual",
+                 "provider_session_id": "s", **fields}
+                for i in range(int(rows * share))])
+    engine.dispose()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="switchboard-gc-") as tmp:
+        db_url = f"sqlite:///{Path(tmp) / 'gc.db'}"
+        env = server_env(db_url, 0)
+        run_flask(env, "db", "upgrade")
+        populate(db_url, args.rows)
+        timings = []
+        for _ in range(2):  # the second sweep finds nothing left to do
+            started = time.perf_counter()
+            done = subprocess.run([str(venv_bin() / "flask"), "gc-sweep", "--json"],
+                                  cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                  check=True, timeout=120)
+            timings.append((time.perf_counter() - started, json.loads(done.stdout)))
+        started = time.perf_counter()
+        subprocess.run([str(venv_bin() / "flask"), "--help"], cwd=REPO_ROOT, env=env,
+                       capture_output=True, check=True, timeout=60)
+        startup = time.perf_counter() - started
+    (first, result), (second, again) = timings
+    print(f"gc-sweep over {args.rows:,} rows: {first:.2f} s for `flask gc-sweep --json` "
+          f"(of which ~{startup:.2f} s is the flask command starting), "
+          f"{second:.2f} s for the second sweep")
+    print(f"first: {json.dumps(result)}")
+    print(f"second: {json.dumps(again)}")
+    print(f"target <= {TARGET_SECONDS:g} s: {'OK' if first <= TARGET_SECONDS else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
