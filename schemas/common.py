@@ -1,4 +1,5 @@
 import re
+from urllib.parse import urlsplit
 
 from marshmallow import Schema, ValidationError, fields, validate
 
@@ -32,6 +33,23 @@ class StrictInteger(fields.Integer):
 class StrictBoolean(fields.Boolean):
     truthy = {True}
     falsy = {False}
+
+
+def _http_url(value):
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or any(c.isspace() for c in value)):
+        raise ValidationError("Not a valid http(s) URL.")
+
+
+def HttpUrl(**kwargs):
+    """An http(s) URL whose host may be any name a resolver accepts: unlike
+    marshmallow's Url, `http://gpu_box:8000/v1` (a compose service) is fine."""
+    return fields.String(validate=[validate.Length(max=2000), _http_url], **kwargs)
 
 
 class StrictSchema(Schema):

@@ -1,6 +1,6 @@
 from marshmallow import fields, validate
 
-from schemas.common import Name, StrictInteger, StrictSchema
+from schemas.common import HttpUrl, Name, StrictInteger, StrictSchema
 
 LLM_TYPES = ("openai",)
 TIERS = ("fast", "heavy")
@@ -10,7 +10,7 @@ class LlmCreateSchema(StrictSchema):
     name = Name(required=True)
     type = fields.String(load_default="openai", validate=validate.OneOf(LLM_TYPES))
     model = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    url = fields.Url(required=True, schemes={"http", "https"}, require_tld=False)
+    url = HttpUrl(required=True)
     tier = fields.String(load_default="fast", validate=validate.OneOf(TIERS))
     description = fields.String(load_default="", validate=validate.Length(max=10_000))
     api_key = fields.String(load_default=None, allow_none=True, load_only=True,
@@ -21,7 +21,7 @@ class LlmCreateSchema(StrictSchema):
 class LlmUpdateSchema(StrictSchema):
     type = fields.String(validate=validate.OneOf(LLM_TYPES))
     model = fields.String(validate=validate.Length(min=1, max=200))
-    url = fields.Url(schemes={"http", "https"}, require_tld=False)
+    url = HttpUrl()
     tier = fields.String(validate=validate.OneOf(TIERS))
     description = fields.String(validate=validate.Length(max=10_000))
     api_key = fields.String(allow_none=True, load_only=True, validate=validate.Length(max=10_000))

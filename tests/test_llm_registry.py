@@ -213,3 +213,16 @@ def test_an_update_racing_another_is_a_version_conflict(app, created):
         assert caught.value.code == "version_conflict"
     with app.app_context():
         assert registry.get_llm(db.session, "gpt-x").description == "theirs"
+
+
+@pytest.mark.parametrize("url", ["http://gpu_box:8000/v1", "https://10.0.0.7/v1",
+                                 "http://[::1]:8080/v1"])
+def test_url_may_name_any_resolvable_host(admin, url):
+    response = admin("post", LLMS, json=new_llm(url=url))
+    assert response.status_code == 201, response.json
+    assert response.json["url"] == url
+
+
+@pytest.mark.parametrize("url", ["http://host:99999/v1", "http:///v1", "http://ho st/v1"])
+def test_url_with_a_bad_port_host_or_spaces_is_refused(admin, url):
+    assert_error(admin("post", LLMS, json=new_llm(url=url)), 400)
