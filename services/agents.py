@@ -6,10 +6,9 @@ services/lifecycle.register. Services flush; views commit.
 import logging
 
 import sqlalchemy as sa
-from sqlalchemy.orm.exc import StaleDataError
 
 from models import Agent, Kind, Llm, Status
-from services import personalities, projects, registry
+from services import personalities, projects, registry, rows
 from services.errors import Conflict, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -30,10 +29,7 @@ def list_usable_agents(session) -> list[Agent]:
 
 def get_agent(session, name: str) -> Agent:
     """The agent called `name`. Raises NotFound."""
-    agent = session.scalar(sa.select(Agent).where(Agent.name == name))
-    if agent is None:
-        raise NotFound(f"Agent '{name}' not found", code="agent_not_found")
-    return agent
+    return rows.get_by_name(session, Agent, name, "Agent")
 
 
 def get_usable_agent(session, name: str) -> Agent:
@@ -55,7 +51,7 @@ def create_agent(session, data: dict, owner: str) -> Agent:
         raise Conflict(f"Agent name '{data['name']}' is taken", code="name_taken")
     _apply(session, agent, data)
     session.add(agent)
-    projects.flush_or_conflict(session, f"Agent name '{data['name']}' is taken")
+    rows.flush_or_conflict(session, f"Agent name '{data['name']}' is taken")
     log.info("created agent %s on LLM %s", agent.name, agent.llm.name)
     return agent
 
@@ -66,17 +62,9 @@ def update_agent(session, name: str, data: dict) -> Agent:
     Raises NotFound, Conflict (version mismatch)."""
     agent = get_agent(session, name)
     data = dict(data)
-    expected = data.pop("version", None)
-    if expected is not None and expected != agent.version:
-        raise Conflict(f"Agent '{name}' is at version {agent.version}, not {expected}",
-                       code="version_conflict", details={"version": agent.version})
+    rows.check_version(agent, data.pop("version", None), "Agent")
     _apply(session, agent, data)
-    try:
-        session.flush()
-    except StaleDataError:
-        session.rollback()
-        raise Conflict(f"Agent '{name}' was changed concurrently",
-                       code="version_conflict") from None
+    rows.flush_versioned(session, agent, "Agent")
     return agent
 
 

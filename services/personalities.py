@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from models import Agent, Personality, PersonalityPrompt
 from services.errors import Invalid, NotFound
-from services.projects import flush_or_conflict
+from services.rows import flush_or_conflict
 from services.prompts import resolve_for_agent
 
 log = logging.getLogger(__name__)

@@ -2,10 +2,9 @@
 import logging
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 
 from models import Project
-from services.errors import Conflict, NotFound
+from services import rows
 
 log = logging.getLogger(__name__)
 
@@ -16,17 +15,14 @@ def list_projects(session) -> list[Project]:
 
 def get_project(session, name: str) -> Project:
     """The project called `name`. Raises NotFound."""
-    project = session.scalar(sa.select(Project).where(Project.name == name))
-    if project is None:
-        raise NotFound(f"Project '{name}' not found", code="project_not_found")
-    return project
+    return rows.get_by_name(session, Project, name, "Project")
 
 
 def create_project(session, data: dict) -> Project:
     """Insert a project. Raises Conflict when the name is taken."""
     project = Project(**data)
     session.add(project)
-    flush_or_conflict(session, f"Project name '{data['name']}' is taken")
+    rows.flush_or_conflict(session, f"Project name '{data['name']}' is taken")
     log.info("created project %s", project.name)
     return project
 
@@ -47,11 +43,3 @@ def delete_project(session, name: str) -> None:
     session.flush()
     log.info("deleted project %s", name)
 
-
-def flush_or_conflict(session, message: str, code: str = "name_taken") -> None:
-    """Flush; a unique-constraint violation becomes a Conflict."""
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise Conflict(message, code=code) from None

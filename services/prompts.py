@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from models import Agent, Prompt
 from services.errors import NotFound
-from services.projects import flush_or_conflict, get_project
+from services.projects import get_project
+from services.rows import flush_or_conflict
 
 log = logging.getLogger(__name__)
 

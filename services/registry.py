@@ -2,11 +2,10 @@
 import logging
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm.exc import StaleDataError
 
 from models import Agent, Kind, Llm, Status
-from services.errors import Conflict, NotFound
+from services import rows
+from services.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +22,14 @@ def list_usable_llms(session) -> list[Llm]:
 
 def get_llm(session, name: str) -> Llm:
     """The LLM called `name`. Raises NotFound."""
-    llm = session.scalar(sa.select(Llm).where(Llm.name == name))
-    if llm is None:
-        raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
-    return llm
+    return rows.get_by_name(session, Llm, name, "LLM")
 
 
 def create_llm(session, data: dict) -> Llm:
     """Insert a public LLM. Raises Conflict when the name is taken."""
     llm = Llm(kind=Kind.PUBLIC, **data)
     session.add(llm)
-    _flush_or_conflict(session, f"LLM name '{data['name']}' is taken")
+    rows.flush_or_conflict(session, f"LLM name '{data['name']}' is taken")
     log.info("created public LLM %s", llm.name)
     return llm
 
@@ -42,17 +38,11 @@ def update_llm(session, name: str, data: dict) -> Llm:
     """Apply a partial update. With `version`, the row must still be at that
     version. Raises NotFound, Conflict (version mismatch)."""
     llm = get_llm(session, name)
-    expected = data.pop("version", None)
-    if expected is not None and expected != llm.version:
-        raise Conflict(f"LLM '{name}' is at version {llm.version}, not {expected}",
-                       code="version_conflict", details={"version": llm.version})
+    data = dict(data)
+    rows.check_version(llm, data.pop("version", None), "LLM")
     for key, value in data.items():
         setattr(llm, key, value)
-    try:
-        session.flush()
-    except StaleDataError:
-        session.rollback()
-        raise Conflict(f"LLM '{name}' was changed concurrently", code="version_conflict")
+    rows.flush_versioned(session, llm, "LLM")
     return llm
 
 
@@ -64,13 +54,5 @@ def delete_llm(session, name: str) -> None:
         raise Conflict(f"LLM '{name}' has agents pinned to it: {', '.join(sorted(pinned))}",
                        code="llm_in_use", details={"agents": sorted(pinned)})
     session.delete(llm)
-    _flush_or_conflict(session, f"LLM '{name}' is still referenced")
+    rows.flush_or_conflict(session, f"LLM '{name}' is still referenced", code="llm_in_use")
     log.info("deleted LLM %s", name)
-
-
-def _flush_or_conflict(session, message):
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise Conflict(message) from None

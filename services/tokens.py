@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from models import ApiToken, Role, utcnow
+from models import ApiToken, Role
 from services.errors import Conflict, NotFound, Unauthorized
 
 log = logging.getLogger(__name__)

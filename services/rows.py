@@ -1,0 +1,43 @@
+"""What the registry services share: the lookup by name, the flush that turns
+a unique-name violation into a 409, and optimistic concurrency on `version`."""
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
+
+from services.errors import Conflict, NotFound
+
+
+def get_by_name(session, model, name: str, label: str):
+    """The `model` row called `name`. Raises NotFound ("<label> '<name>' not found")."""
+    row = session.scalar(sa.select(model).where(model.name == name))
+    if row is None:
+        raise NotFound(f"{label} '{name}' not found",
+                       code=f"{label.lower().replace(' ', '_')}_not_found")
+    return row
+
+
+def flush_or_conflict(session, message: str, code: str = "name_taken") -> None:
+    """Flush; a unique-constraint violation becomes a Conflict."""
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(message, code=code) from None
+
+
+def check_version(row, expected: int | None, label: str) -> None:
+    """With `expected` (a PATCH's `version`), the row must still be at it.
+    Raises Conflict."""
+    if expected is not None and expected != row.version:
+        raise Conflict(f"{label} '{row.name}' is at version {row.version}, not {expected}",
+                       code="version_conflict", details={"version": row.version})
+
+
+def flush_versioned(session, row, label: str) -> None:
+    """Flush an update; a concurrent one that won the race is a Conflict."""
+    try:
+        session.flush()
+    except StaleDataError:
+        session.rollback()
+        raise Conflict(f"{label} '{row.name}' was changed concurrently",
+                       code="version_conflict") from None
