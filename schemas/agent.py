@@ -1,39 +1,19 @@
 """Request bodies of agents, projects, prompts, personalities, threads and chat."""
-from marshmallow import (INCLUDE, Schema, ValidationError, fields, validate, validates,
-                         validates_schema)
+from marshmallow import ValidationError, fields, validate, validates_schema
 
-from schemas.common import Name, StrictBoolean, StrictInteger, StrictNumber, StrictSchema
+from schemas.common import Name, SamplingSchema, StrictBoolean, StrictInteger, StrictSchema
 
 TEXT_MAX = 100_000
 # Keys of a chat-completions body that the chat builds itself.
 RESERVED_PARAMS = ("model", "messages", "stream")
 
 
-class SamplingParamsSchema(Schema):
-    """`default_params` / `params`: OpenAI sampling fields, typed where we know
-    them; other keys (`tools`, `response_format`, vendor extras) pass on. A
-    `null` in a call's `params` removes the agent's default for that key."""
+class SamplingParamsSchema(SamplingSchema):
+    """`default_params` / `params`: the sampling fields (and `top_k`, which
+    local servers take); a `null` in a call's `params` removes the agent's
+    default for that key. The chat sets model, messages and stream itself."""
 
-    class Meta:
-        unknown = INCLUDE
-
-    temperature = StrictNumber(allow_none=True)
-    top_p = StrictNumber(allow_none=True)
     top_k = StrictInteger(allow_none=True)
-    max_tokens = StrictInteger(allow_none=True)
-    max_completion_tokens = StrictInteger(allow_none=True)
-    presence_penalty = StrictNumber(allow_none=True)
-    frequency_penalty = StrictNumber(allow_none=True)
-    seed = StrictInteger(allow_none=True)
-    stop = fields.Raw(allow_none=True)
-    tools = fields.List(fields.Dict(), allow_none=True)
-
-    @validates("stop")
-    def validate_stop(self, value, **_):
-        if value is None or isinstance(value, str):
-            return
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise ValidationError("Must be a string or a list of strings.")
 
     @validates_schema(pass_original=True)
     def no_reserved_keys(self, _data, original, **_):

@@ -1,7 +1,7 @@
 import re
 from urllib.parse import urlsplit
 
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # Doubled braces: marshmallow formats this message with str.format.
@@ -50,6 +50,31 @@ def HttpUrl(**kwargs):
     """An http(s) URL whose host may be any name a resolver accepts: unlike
     marshmallow's Url, `http://gpu_box:8000/v1` (a compose service) is fine."""
     return fields.String(validate=[validate.Length(max=2000), _http_url], **kwargs)
+
+
+class SamplingSchema(Schema):
+    """OpenAI's sampling fields, typed where we know them; any other key
+    (`response_format`, `logprobs`, vendor extras ...) passes on untouched."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    temperature = StrictNumber(allow_none=True)
+    top_p = StrictNumber(allow_none=True)
+    presence_penalty = StrictNumber(allow_none=True)
+    frequency_penalty = StrictNumber(allow_none=True)
+    max_tokens = StrictInteger(allow_none=True)
+    max_completion_tokens = StrictInteger(allow_none=True)
+    seed = StrictInteger(allow_none=True)
+    stop = fields.Raw(allow_none=True)
+    tools = fields.List(fields.Dict(), allow_none=True)
+
+    @validates("stop")
+    def validate_stop(self, value, **_):
+        if value is None or isinstance(value, str):
+            return
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValidationError("Must be a string or a list of strings.")
 
 
 class StrictSchema(Schema):

@@ -1,23 +1,14 @@
 """An OpenAI chat-completions body: checked where we know the fields, the rest
 passed on untouched."""
-from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates
+from marshmallow import ValidationError, fields, validate, validates
 
-from schemas.common import StrictBoolean, StrictInteger, StrictNumber
+from schemas.common import SamplingSchema, StrictBoolean, StrictInteger
 
 
-class ChatCompletionSchema(Schema):
-    class Meta:
-        unknown = INCLUDE
-
+class ChatCompletionSchema(SamplingSchema):
     model = fields.String()
     messages = fields.List(fields.Dict(), required=True, validate=validate.Length(min=1))
     stream = StrictBoolean()
-    temperature = StrictNumber(allow_none=True)
-    top_p = StrictNumber(allow_none=True)
-    presence_penalty = StrictNumber(allow_none=True)
-    frequency_penalty = StrictNumber(allow_none=True)
-    max_tokens = StrictInteger(allow_none=True)
-    max_completion_tokens = StrictInteger(allow_none=True)
     n = StrictInteger(allow_none=True)
 
     @validates("messages")

@@ -1,5 +1,6 @@
 from marshmallow import ValidationError, fields, validate, validates_schema
 
+from schemas.agent import Params
 from schemas.common import Name, StrictBoolean, StrictInteger, StrictSchema
 from schemas.llm import TIERS
 
@@ -24,7 +25,7 @@ class PublishedAgentSchema(StrictSchema):
     description = fields.String(validate=validate.Length(max=10_000))
     system_prompt = fields.String(validate=validate.Length(max=200_000))
     project = Name(allow_none=True)
-    default_params = fields.Dict(keys=fields.String())
+    default_params = Params()
     extras = fields.Dict(keys=fields.String())
 
 

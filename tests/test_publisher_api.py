@@ -342,3 +342,11 @@ def test_streaming_request_answered_with_a_result_keeps_its_status(app, client, 
     thread.join(5)
     assert box["value"].status_code == 400
     assert box["value"].json == {"error": {"message": "bad temperature"}}
+
+
+def test_published_agent_params_are_typed(client, auth):
+    response = client.post("/api/v1/publishers/register", headers=auth("publisher"), json={
+        "llms": [LLM], "agents": [{"name": "coder", "llm": "vllm-local",
+                                   "default_params": {"temperature": "hot"}}]})
+    assert response.status_code == 400
+    assert "agents" in response.json["error"]["details"]
