@@ -7,9 +7,11 @@ import shutil
 
 import flask_migrate
 import pytest
+import sqlalchemy as sa
 
 from app import create_app
 from extensions import db
+from models import ApiToken
 from services import tokens as token_service
 
 ROLES = ("admin", "publisher", "client")
@@ -61,6 +63,20 @@ def tokens(app):
                for role in ROLES}
         db.session.commit()
     return raw
+
+
+@pytest.fixture
+def ctx(app):
+    """The app, with an app context pushed for the test (service-level tests)."""
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture
+def publisher(ctx, tokens):
+    """The publisher token as the services see a caller."""
+    row = db.session.scalar(sa.select(ApiToken).where(ApiToken.role == "publisher"))
+    return token_service.Caller(id=row.id, name=row.name, role=row.role)
 
 
 @pytest.fixture

@@ -14,26 +14,13 @@ import pytest
 import sqlalchemy as sa
 
 from extensions import db
-from models import Agent, ApiToken, Llm, utcnow
+from models import Agent, Llm, utcnow
 from services import gc, lifecycle
 from services.errors import Conflict, NotFound
-from services.tokens import Caller
 
 HEARTBEAT_TIMEOUT = 90.0
 RETENTION = 4 * 3600.0
 LLM = {"name": "vllm-local", "type": "openai", "model": "m"}
-
-
-@pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture
-def publisher(ctx, tokens):
-    token = db.session.scalar(sa.select(ApiToken).where(ApiToken.role == "publisher"))
-    return Caller(id=token.id, name=token.name, role=token.role)
 
 
 def register(publisher, session_id, agents, llms=(LLM,), now=None):

@@ -15,22 +15,9 @@ import responses
 import sqlalchemy as sa
 
 from extensions import db
-from models import ApiToken, Llm, PublisherSession, utcnow
+from models import Llm, PublisherSession, utcnow
 from services import gc, inference, lifecycle
 from services.errors import BadGateway, Conflict, Unavailable
-from services.tokens import Caller
-
-
-@pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture
-def publisher(ctx, tokens):
-    row = db.session.scalar(sa.select(ApiToken).where(ApiToken.role == "publisher"))
-    return Caller(id=row.id, name=row.name, role=row.role)
 
 
 @pytest.fixture
