@@ -64,6 +64,7 @@ def register_blueprints(app):
     app.register_blueprint(api)
     app.register_blueprint(openai_compat.bp)
     app.register_blueprint(health.bp)
+    app.before_request(common.authenticate_unmatched)
 
 
 def register_errorhandlers(app):

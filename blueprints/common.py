@@ -1,5 +1,7 @@
 """What every view shares: the caller, role checks and the JSON body."""
+import _socket
 import functools
+import os
 
 from flask import g, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
@@ -17,6 +19,16 @@ def authenticate_request():
     if touched:
         db.session.commit()
     g.caller = caller
+
+
+def authenticate_unmatched():
+    """App-level `before_request`: an unknown path or method under the API
+    still needs a token, so a caller without one learns 401, not 404/405."""
+    if request.endpoint is None and request.path.startswith(PROTECTED_PREFIXES):
+        authenticate_request()
+
+
+PROTECTED_PREFIXES = ("/api/", "/v1/")
 
 
 def caller() -> tokens.Caller:
@@ -62,3 +74,28 @@ def reject_oversized_stream():
         return  # Werkzeug checks a declared length itself
     if len(request.get_data(cache=True)) >= limit and request.environ["wsgi.input"].read(1):
         raise RequestEntityTooLarge()
+
+
+def peer_connected(environ):
+    """A cheap check that the caller still holds this connection (under
+    gunicorn; None elsewhere): tasks are not handed to a poll whose publisher
+    hung up, and a client that left cancels its task."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def connected():
+        # A plain (not gevent) duplicate of the socket: a peek that never waits.
+        try:
+            probe = _socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return False
+        try:
+            return probe.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True  # nothing to read: still connected
+        except OSError:
+            return False
+        finally:
+            probe.close()
+    return connected

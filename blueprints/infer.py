@@ -1,7 +1,7 @@
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 
-from blueprints.common import json_body, require
+from blueprints.common import json_body, peer_connected, require
 from extensions import db
 from jsonio import dumps
 from schemas.inference import chat_completion
@@ -29,7 +29,8 @@ def inference_body() -> dict:
 def run_inference(name: str, body: dict) -> Response:
     target = inference.resolve(db.session, name)
     db.session.close()  # hold no pooled connection while the relay waits
-    return to_response(current_app.extensions["relay"].infer(target, body))
+    return to_response(current_app.extensions["relay"].infer(
+        target, body, client_connected=peer_connected(request.environ)))
 
 
 def to_response(reply: inference.Reply) -> Response:

@@ -1,11 +1,9 @@
 """The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
-import _socket
 import logging
-import os
 
 from flask import Blueprint, current_app, request
 
-from blueprints.common import caller, json_body, require
+from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db
 from models import utcnow
 from schemas import publisher as schemas
@@ -46,7 +44,7 @@ def poll(session_id):
     wait = _wait_seconds(request.args.get("wait"))
     lifecycle.owned_session(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the long-poll
-    return {"tasks": bus().poll(session_id, wait, _peer_connected(request.environ))}
+    return {"tasks": bus().poll(session_id, wait, peer_connected(request.environ))}
 
 
 @bp.delete("/publishers/<session_id>")
@@ -79,30 +77,6 @@ def post_chunks(task_id):
     bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
                       data["done"])
     return {"accepted": True}
-
-
-def _peer_connected(environ):
-    """A check that the publisher still holds this connection (gunicorn only):
-    tasks are not handed to a poll whose publisher hung up or was killed."""
-    sock = environ.get("gunicorn.socket")
-    if sock is None:
-        return None
-
-    def connected():
-        # A plain (not gevent) duplicate of the socket: a peek that never waits.
-        try:
-            probe = _socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError:
-            return False
-        try:
-            return probe.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True  # nothing to read: still connected
-        except OSError:
-            return False
-        finally:
-            probe.close()
-    return connected
 
 
 def _wait_seconds(raw) -> float:

@@ -93,9 +93,10 @@ class TaskBus(abc.ABC):
         has hung up returns [] and leaves the tasks queued for the next one."""
 
     @abc.abstractmethod
-    def task_info(self, task_id: str) -> dict:
-        """`{task_id, session_id, owner, kind, llm}` of a task a publisher may answer.
-        Raises NotFound (unknown), Conflict (already completed), Gone
+    def task_info(self, task_id: str, owner: str | None = None) -> dict:
+        """`{task_id, session_id, owner, kind, llm}` of a task a publisher may
+        answer. Raises NotFound (unknown), Forbidden (with `owner`: another
+        token's task, finished or not), Conflict (already completed), Gone
         (cancelled or expired)."""
 
     @abc.abstractmethod
@@ -109,7 +110,7 @@ class TaskBus(abc.ABC):
         """Append stream chunks. With `seq` (index of the first chunk in the
         stream), chunks already received are dropped. A `[DONE]` payload or
         `done` ends the stream. Raises like `task_info`, and Conflict when
-        `seq` leaves a gap."""
+        `seq` leaves a gap or the task is not a streamed infer."""
 
     @abc.abstractmethod
     def touch(self, session_id: str) -> None:

@@ -16,7 +16,8 @@ import threading
 import time
 
 from services.bus import FINAL, TRANSITIONS, TaskBus, TaskState
-from services.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unavailable
+from services.errors import (BadGateway, Conflict, Forbidden, GatewayTimeout, Gone, NotFound,
+                             TooManyRequests, Unavailable)
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,11 @@ class MemoryTaskBus(TaskBus):
             with self._lock:
                 now = self.clock()
                 self._expire_if_due(t, now)
-                if t.state == TaskState.DONE:
+                if t.state == TaskState.DONE and t.outcome is not None:
                     return t.outcome
+                if t.state == TaskState.DONE:  # chunks cannot finish a non-stream; never loop
+                    raise BadGateway(f"The publisher of LLM '{t.llm}' sent no result",
+                                     code="publisher_error")
                 if t.state in FINAL:
                     raise t.error
                 t.changed.clear()
@@ -203,9 +207,9 @@ class MemoryTaskBus(TaskBus):
                 session.polls_held -= 1
                 session.last_seen = self.clock()
 
-    def task_info(self, task_id):
+    def task_info(self, task_id, owner=None):
         with self._lock:
-            return self._find_open(task_id).info()
+            return self._find_open(task_id, owner).info()
 
     def complete(self, task_id, outcome):
         with self._lock:
@@ -216,9 +220,13 @@ class MemoryTaskBus(TaskBus):
     def push_chunks(self, task_id, chunks, seq, done):
         with self._lock:
             t = self._tasks.get(task_id)
-            if t is not None and seq is not None and seq + len(chunks) <= t.received:
+            if (t is not None and seq is not None and seq + len(chunks) <= t.received
+                    and (t.stream_done or not done)):
                 return  # a retried batch we already have, even if the stream ended since
             t = self._find_open(task_id)
+            if t.kind != "infer" or not t.payload.get("streaming"):
+                raise Conflict(f"Task '{task_id}' is not a stream: post its result",
+                               code="not_a_stream")
             start = t.received if seq is None else seq
             if start > t.received:
                 raise Conflict(f"Chunk seq {seq} leaves a gap: expected {t.received}",
@@ -332,11 +340,14 @@ class MemoryTaskBus(TaskBus):
                 session.wakeup.set()
         t.changed.set()
 
-    def _find_open(self, task_id):
+    def _find_open(self, task_id, owner=None):
         t = self._tasks.get(task_id)
-        state = t.state if t is not None else self._tombstone_state(task_id)
+        state, task_owner = (t.state, t.owner) if t is not None else self._tombstone_of(task_id)
         if state is None:
             raise NotFound(f"Task '{task_id}' not found", code="task_not_found")
+        if owner is not None and owner != task_owner:
+            raise Forbidden(f"Task '{task_id}' belongs to another publisher",
+                            code="foreign_task")
         if state == TaskState.DONE:
             raise Conflict(f"Task '{task_id}' is already completed", code="task_completed")
         if state in FINAL:
@@ -344,16 +355,17 @@ class MemoryTaskBus(TaskBus):
         return t
 
     def _tombstone(self, t):
-        self._tombstones[t.id] = (t.state, self.clock() + TOMBSTONE_TTL)
+        self._tombstones[t.id] = (t.state, t.owner, self.clock() + TOMBSTONE_TTL)
         self._tombstones.move_to_end(t.id)
         while len(self._tombstones) > TOMBSTONE_MAX:
             self._tombstones.popitem(last=False)
 
-    def _tombstone_state(self, task_id):
+    def _tombstone_of(self, task_id):
+        """(state, owner) of a finished task, or (None, None)."""
         entry = self._tombstones.get(task_id)
-        if entry is None or entry[1] < self.clock():
-            return None
-        return entry[0]
+        if entry is None or entry[2] < self.clock():
+            return None, None
+        return entry[0], entry[1]
 
     def _maybe_prune(self, now):
         """Forget sessions that are neither live nor owed anything, and old tombstones."""
@@ -365,7 +377,7 @@ class MemoryTaskBus(TaskBus):
                     if not self._live(s, now) and sid not in busy]:
             del self._sessions[sid]
         while self._tombstones:
-            task_id, (_, expires) = next(iter(self._tombstones.items()))
+            task_id, (_, _, expires) = next(iter(self._tombstones.items()))
             if expires >= now:
                 break
             del self._tombstones[task_id]

@@ -4,11 +4,13 @@ import time
 
 import pytest
 
-from services.errors import Conflict, GatewayTimeout, Gone, NotFound, TooManyRequests, Unavailable
+from services.errors import (Conflict, Forbidden, GatewayTimeout, Gone, NotFound, TooManyRequests,
+                             Unavailable)
 from services.memory_bus import MemoryTaskBus
 
 SID = "session-1"
 INFER = {"kind": "infer", "llm": "m", "streaming": False, "body": {}}
+STREAM = {**INFER, "streaming": True}
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_wait_result_returns_none_at_the_keepalive_interval(bus):
 
 
 def test_chunks_arrive_in_order_and_done_marker_ends_the_stream(bus):
-    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, STREAM, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.push_chunks(task_id, ["a", "b"], seq=None, done=False)
         bus.push_chunks(task_id, ["c", "[DONE]", "ignored"], seq=None, done=False)
@@ -97,7 +99,7 @@ def test_chunks_arrive_in_order_and_done_marker_ends_the_stream(bus):
 
 
 def test_retried_chunk_batch_is_not_duplicated(bus):
-    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, STREAM, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.push_chunks(task_id, ["a", "b"], seq=0, done=False)
         bus.push_chunks(task_id, ["a", "b", "c"], seq=0, done=False)  # a retry that grew
@@ -107,7 +109,7 @@ def test_retried_chunk_batch_is_not_duplicated(bus):
 
 
 def test_chunk_batch_leaving_a_gap_is_refused(bus):
-    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, STREAM, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         with pytest.raises(Conflict) as err:
             bus.push_chunks(task_id, ["x"], seq=3, done=False)
@@ -115,7 +117,7 @@ def test_chunk_batch_leaving_a_gap_is_refused(bus):
 
 
 def test_silent_stream_times_out(bus):
-    with bus.open_task(SID, INFER, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
+    with bus.open_task(SID, STREAM, llm="m", owner="tok", limit=10, pickup_timeout=5, timeout=5) as task_id:
         bus.poll(SID, wait=0)
         bus.push_chunks(task_id, ["a"], seq=None, done=False)
         assert bus.next_chunks(task_id, 0.1, 1)[0] == ["a"]
@@ -229,3 +231,38 @@ def test_poll_whose_publisher_hung_up_leaves_the_task_queued(bus):
     assert bus.poll(SID, wait=0, connected=lambda: False) == []
     assert [t["task_id"] for t in bus.poll(SID, wait=0, connected=lambda: True)] == [task_id]
     bus.release(task_id)
+
+
+def test_chunks_cannot_finish_a_task_that_is_not_a_stream(bus):
+    wake = submit(bus, {"kind": "wake", "llm": "m"})
+    infer = submit(bus)  # streaming: False
+    bus.poll(SID, wait=0)
+    for task_id in (wake, infer):
+        with pytest.raises(Conflict) as err:
+            bus.push_chunks(task_id, [], seq=None, done=True)
+        assert err.value.code == "not_a_stream"
+        bus.complete(task_id, {"status": 200, "body": {}})
+        assert bus.wait_result(task_id, poll_interval=0.1) == {"status": 200, "body": {}}
+        bus.release(task_id)
+
+
+def test_empty_final_batch_with_seq_ends_the_stream(bus):
+    task_id = submit(bus, STREAM)
+    bus.poll(SID, wait=0)
+    bus.push_chunks(task_id, ["a"], seq=0, done=False)
+    bus.push_chunks(task_id, [], seq=1, done=True)
+    assert bus.next_chunks(task_id, 5, 1) == (["a"], True, None)
+    bus.release(task_id)
+
+
+def test_another_owner_is_refused_before_the_task_state_shows(bus):
+    task_id = submit(bus)
+    bus.poll(SID, wait=0)
+    with pytest.raises(Forbidden):
+        bus.task_info(task_id, owner="someone-else")
+    bus.complete(task_id, {"status": 200, "body": {}})
+    bus.release(task_id)
+    with pytest.raises(Forbidden):  # finished: still 403 for a stranger, 409 for the owner
+        bus.task_info(task_id, owner="someone-else")
+    with pytest.raises(Conflict):
+        bus.task_info(task_id, owner="tok")
