@@ -26,9 +26,18 @@ logging.basicConfig(level=loglevel.upper(),
                     datefmt="[%Y-%m-%d %H:%M:%S %z]")
 
 
+def on_starting(server):
+    # The in-memory bus lives inside one process: a second worker would see
+    # polls and requests the first one holds as unknown.
+    if not os.environ.get("REDIS_URL") and server.num_workers != 1:
+        server.log.warning("the in-memory task bus needs exactly one worker process: running 1, "
+                           "not %d (set REDIS_URL to scale out)", server.num_workers)
+        server.num_workers = 1
+
+
 def when_ready(server):
     if os.environ.get("REDIS_URL"):
-        server.log.info("task bus: redis; %d worker processes", workers)
+        server.log.info("task bus: redis; %d worker processes", server.num_workers)
     else:
         server.log.info("task bus: in-memory; running exactly one worker process "
                         "(set REDIS_URL to scale out)")

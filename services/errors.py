@@ -44,6 +44,12 @@ class TooManyRequests(ServiceError):
     status, type, code = 429, "rate_limit_error", "too_many_pending"
 
 
+class ClientGone(ServiceError):
+    """The client hung up while waiting; nobody reads this (nginx's 499)."""
+
+    status, type, code = 499, "client_gone", "client_gone"
+
+
 class BadGateway(ServiceError):
     status, type, code = 502, "upstream_error", "bad_gateway"
 

@@ -4,16 +4,24 @@ The virtual path is the seeds' state machine: `inactive` → 503; no live
 publisher session → 503 at once; `hibernating` → one shared wake task first;
 then an `infer` task whose outcome (or chunks) comes back through the bus.
 """
+import collections
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 
 from jsonio import dumps
 from models import Kind, Status
-from services.errors import BadGateway, ServiceError, Unavailable, envelope
+from services.errors import (BadGateway, ClientGone, ServiceError, TooManyRequests, Unavailable,
+                             envelope)
 from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Target, sse_event
 from services.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+# How often a non-streamed request waiting on a publisher checks that its
+# client is still there (a stream notices on its next write).
+CLIENT_CHECK_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ class Relay:
         self.bus = bus
         self.upstream = upstream
         self.timeouts = timeouts
+        # Requests in flight to each public LLM (virtual ones are counted by the bus).
+        self._in_flight = collections.Counter()
+        self._in_flight_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config, bus):
@@ -48,25 +59,57 @@ class Relay:
                             timeouts.stream_idle)
         return cls(bus, upstream, timeouts)
 
-    def infer(self, target: Target, body: dict) -> Reply:
+    def infer(self, target: Target, body: dict, client_connected=None) -> Reply:
         """Run a chat-completions body on the target LLM (its `model` replaces
-        the body's). Raises Unavailable (503: inactive, publisher offline),
-        TooManyRequests (429), GatewayTimeout (504), BadGateway (502)."""
+        the body's). `client_connected()`, when given, is asked now and then
+        while a non-streamed request waits: a client that hung up cancels
+        its task (ClientGone). Raises Unavailable (503: inactive, publisher
+        offline), TooManyRequests (429), GatewayTimeout (504), BadGateway (502)."""
         body = {**body, "model": target.model}
         if target.kind == Kind.PUBLIC:
-            return self.upstream.forward(target, body)
+            return self._forward(target, body)
         self._check_available(target)
         if body.get("stream") is True:
             return self._stream(target, body)
+        interval = CLIENT_CHECK_INTERVAL if client_connected else None
         if target.status == Status.HIBERNATING:
-            for _ in self._wake(target, keepalive=None):
-                pass
+            with contextlib.closing(self._wake(target, interval)) as waking:
+                for _ in waking:
+                    _check_client(client_connected)
         task = {"kind": "infer", "llm": target.name, "streaming": False, "body": body}
         with self.bus.open_task(target.session_id, task, **self._task_args(target)) as task_id:
-            outcome = self.bus.wait_result(task_id)
+            while (outcome := self.bus.wait_result(task_id, interval)) is None:
+                _check_client(client_connected)
         return self._outcome_reply(target, outcome)
 
     # -- internals -----------------------------------------------------------
+
+    def _forward(self, target, body):
+        """To the upstream, within MAX_PENDING_PER_LLM requests in flight; a
+        stream holds its slot until it is closed."""
+        with self._in_flight_lock:
+            if self._in_flight[target.name] >= self.timeouts.max_pending:
+                raise TooManyRequests(
+                    f"Too many requests waiting on LLM '{target.name}' "
+                    f"(limit {self.timeouts.max_pending}); retry shortly",
+                    headers={"Retry-After": "1"})
+            self._in_flight[target.name] += 1
+        try:
+            reply = self.upstream.forward(target, body)
+        except BaseException:
+            self._free_slot(target.name)
+            raise
+        if reply.stream is None:
+            self._free_slot(target.name)
+        else:
+            reply.stream = _ClosingStream(reply.stream, lambda: self._free_slot(target.name))
+        return reply
+
+    def _free_slot(self, name):
+        with self._in_flight_lock:
+            self._in_flight[name] -= 1
+            if self._in_flight[name] <= 0:
+                del self._in_flight[name]
 
     def _check_available(self, target):
         if target.status == Status.INACTIVE:
@@ -86,7 +129,8 @@ class Relay:
         `keepalive` seconds while waiting. Raises BadGateway on failure; the
         row stays hibernating (the result view flips it on success)."""
         task = {"kind": "wake", "llm": target.name}
-        args = self._task_args(target, self.timeouts.wake, share_key=f"wake:{target.name}")
+        args = self._task_args(target, self.timeouts.wake,
+                               share_key=f"wake:{target.session_id}:{target.name}")
         with self.bus.open_task(target.session_id, task, **args) as task_id:
             log.info("waiting for LLM %s to wake (task %s)", target.name, task_id)
             while (outcome := self.bus.wait_result(task_id, keepalive)) is None:
@@ -167,3 +211,31 @@ class Relay:
         message = outcome.get("error") or f"status {outcome.get('status')}"
         return envelope(f"The publisher of LLM '{target.name}' failed: {message}",
                         BadGateway.type, "publisher_error")
+
+
+def _check_client(client_connected):
+    if client_connected is not None and not client_connected():
+        raise ClientGone("The client went away")
+
+
+class _ClosingStream:
+    """An SSE byte stream that runs `on_close` once when the server closes it,
+    even if it was never iterated (a generator's `finally` would not run)."""
+
+    def __init__(self, stream, on_close):
+        self._stream = stream
+        self._on_close = on_close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._stream)
+
+    def close(self):
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            try:
+                self._stream.close()
+            finally:
+                on_close()

@@ -111,3 +111,13 @@ def test_only_the_hash_of_a_token_is_stored(app, tokens):
         stored = db.session.scalars(sa.select(ApiToken.token_hash)).all()
     assert tokens["client"] not in stored
     assert token_service.hash_token(tokens["client"]) in stored
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nope", "/v1/nope", "/api/v1/llms/x/nope"])
+def test_unknown_api_path_without_a_token_is_401_not_404(client, path):
+    response = client.get(path)
+    assert response.status_code == 401
+
+
+def test_unknown_api_path_with_a_token_is_404(client, auth):
+    assert client.get("/api/v1/nope", headers=auth("client")).status_code == 404

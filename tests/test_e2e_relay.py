@@ -297,3 +297,24 @@ def test_task_is_not_lost_to_a_poll_whose_publisher_hung_up(server):
         assert [t["kind"] for t in tasks] == ["infer"]
         publisher.result(tasks[0]["task_id"], status=200, body={"survived": True})
         assert pending.result(10).json() == {"survived": True}
+
+
+def test_non_streamed_client_leaving_cancels_its_task(server, publishers):
+    release = threading.Event()
+    publisher = publishers("walkaway", lambda p, t: release.wait(10))
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{server.url}/api/v1/llms/walkaway/infer", json=ASK,
+                      headers=server.headers("client"), timeout=0.5)
+    deadline = time.monotonic() + 8  # the server checks its waiting clients every 2 s
+    while not publisher.cancels and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release.set()
+    assert len(publisher.cancels) == 1
+
+
+def test_extra_workers_are_refused_while_the_bus_is_in_memory(live_server_factory):
+    from bench.server import child_pids
+
+    server = live_server_factory({"GUNICORN_CMD_ARGS": "--workers 3 --graceful-timeout 2"})
+    assert len(child_pids(server.process.pid)) == 1
+    assert "needs exactly one worker process" in server.log_text()

@@ -175,3 +175,17 @@ def test_v1_chat_completions_streams(client, auth, llm, upstream):
     assert response.data == body
     assert json.loads(response.data.split(b"\n\n")[0][6:])["choices"][0]["delta"] == {
         "content": "a"}
+
+
+@pytest.mark.parametrize("app_config", [{"MAX_PENDING_PER_LLM": 1}])
+def test_public_llm_past_max_pending_is_429_until_a_stream_closes(infer, upstream):
+    sse = b'data: {"choices": []}\n\ndata: [DONE]\n\n'
+    upstream.post(COMPLETIONS, body=sse, content_type="text/event-stream")
+    upstream.post(COMPLETIONS, body=sse, content_type="text/event-stream")
+    open_stream = infer({**CHAT, "stream": True})
+    assert open_stream.status_code == 200
+    refused = infer({**CHAT, "stream": True})
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "1"
+    open_stream.close()  # the first client is done: its slot is free again
+    assert infer({**CHAT, "stream": True}).status_code == 200
