@@ -33,7 +33,10 @@ def register_extensions(app):
     # parameters, an LLM's api_key among them, into logs.
     options.setdefault("hide_parameters", True)
     if uri.startswith("sqlite"):
-        options.setdefault("connect_args", {}).setdefault("timeout", 15)
+        # SQLite's busy wait blocks the whole gevent worker, so keep it short;
+        # a lock held longer is a 503 with Retry-After (blueprints/errors.py).
+        options.setdefault("connect_args", {}).setdefault(
+            "timeout", float(app.config["SQLITE_BUSY_TIMEOUT"]))
     db.init_app(app)
     migrate.init_app(app, db, render_as_batch=True)
     if uri.startswith("sqlite"):
@@ -47,7 +50,6 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=15000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

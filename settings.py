@@ -21,6 +21,9 @@ DEFAULTS = {
     # waits, and the connect timeout towards public upstreams.
     "STREAM_KEEPALIVE": 15.0,
     "UPSTREAM_CONNECT_TIMEOUT": 5.0,
+    # How long a SQLite write waits for another process's lock (gc-sweep from
+    # cron, a `flask tokens` command); it stalls the gevent worker meanwhile.
+    "SQLITE_BUSY_TIMEOUT": 2.0,
     "REDIS_URL": None,
 }
 

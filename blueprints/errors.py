@@ -3,6 +3,7 @@ import logging
 
 from flask import jsonify
 from marshmallow import ValidationError
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from services.errors import ServiceError, envelope
@@ -51,8 +52,17 @@ def handle_unexpected(exc: Exception):
     return error_response(500, "Internal server error", "server_error", "internal_error")
 
 
+def handle_database_error(exc: OperationalError):
+    if "database is locked" in str(exc.orig):
+        log.warning("database busy: a write waited out SQLITE_BUSY_TIMEOUT")
+        return error_response(503, "The database is busy; retry shortly", "unavailable",
+                              "database_busy", headers={"Retry-After": "1"})
+    return handle_unexpected(exc)
+
+
 def register_errorhandlers(app):
     app.register_error_handler(ServiceError, handle_service_error)
+    app.register_error_handler(OperationalError, handle_database_error)
     app.register_error_handler(ValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

@@ -168,3 +168,22 @@ def test_the_key_is_not_in_an_llms_repr(app, client, auth):
         llm = db.session.scalar(sa.select(Llm))
         assert SECRET not in repr(llm)
         assert llm.api_key == SECRET  # stored, for the upstream call
+
+
+@pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2}])
+def test_write_blocked_by_another_process_lock_is_503_with_retry_after(app, client, auth):
+    import sqlite3
+
+    path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
+    client.get("/api/v1/llms", headers=auth("admin"))  # the token's last_used_at is written
+    holder = sqlite3.connect(path)
+    holder.execute("BEGIN IMMEDIATE")  # what a gc-sweep from cron holds while it runs
+    try:
+        response = client.post("/api/v1/llms", headers=auth("admin"), json={
+            "name": "blocked", "model": "m", "url": "http://127.0.0.1:9/v1"})
+    finally:
+        holder.rollback()
+        holder.close()
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.json["error"]["code"] == "database_busy"
