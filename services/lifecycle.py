@@ -52,7 +52,7 @@ def register(session, caller, session_id, llms, agents, now):
     agent_rows = []
     for spec in agents:
         spec = dict(spec)
-        spec["llm_id"] = _id_by_name(session, Llm, spec.pop("llm"))
+        spec["llm_id"] = _agent_llm_id(session, caller, session_id, spec)
         if "project" in spec:
             project = spec.pop("project")
             spec["project_id"] = project and _id_by_name(session, Project, project)
@@ -160,6 +160,21 @@ def _upsert(session, model, spec, session_id, status, now):
     row.last_heartbeat_at = now
     row.inactive_since = None
     return row
+
+
+def _agent_llm_id(session, caller, session_id, spec):
+    """A publisher's agent runs on one of its session's own LLMs: it may not
+    spend an operator's upstream key, nor another publisher's GPU, under a
+    system prompt of its own. (An admin may pin any LLM.)"""
+    name = spec.pop("llm")
+    row = session.execute(sa.select(Llm.id, Llm.provider_session_id)
+                          .where(Llm.name == name)).first()
+    if row is None:
+        raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
+    if row.provider_session_id != session_id and not caller.is_admin:
+        raise Forbidden(f"Agent '{spec['name']}' must run on one of this session's LLMs, "
+                        f"not '{name}'", code="foreign_llm")
+    return row.id
 
 
 def _id_by_name(session, model, name):

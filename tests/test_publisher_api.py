@@ -350,3 +350,16 @@ def test_published_agent_params_are_typed(client, auth):
                                    "default_params": {"temperature": "hot"}}]})
     assert response.status_code == 400
     assert "agents" in response.json["error"]["details"]
+
+
+def test_published_agent_must_run_on_the_sessions_own_llm(client, auth):
+    client.post("/api/v1/llms", headers=auth("admin"), json={
+        "name": "paid", "model": "m", "url": "http://127.0.0.1:9/v1", "api_key": "sk-op"})
+    register(client, auth, session_id="other-box")  # vllm-local belongs to other-box
+    for llm in ("paid", "vllm-local"):
+        response = client.post("/api/v1/publishers/register", headers=auth("publisher"), json={
+            "session_id": "my-box", "llms": [{**LLM, "name": "mine"}],
+            "agents": [{"name": "freeloader", "llm": llm}]})
+        assert response.status_code == 403, llm
+        assert response.json["error"]["code"] == "foreign_llm"
+    assert client.get("/api/v1/agents/freeloader", headers=auth("admin")).status_code == 404

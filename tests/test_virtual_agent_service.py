@@ -105,7 +105,8 @@ def test_register_refuses_to_publish_over_a_public_agent(publisher):
 def test_register_refuses_an_agent_active_under_another_session(publisher):
     register(publisher, "other", [{"name": "local-coder"}])
     with pytest.raises(Conflict, match="already active under a different session"):
-        register(publisher, "mine", [{"name": "local-coder"}], llms=[])
+        register(publisher, "mine", [{"name": "local-coder", "llm": "vllm-mine"}],
+                 llms=[{"name": "vllm-mine", "model": "m"}])
     db.session.rollback()
     assert agent("local-coder").provider_session_id == "other"
 
