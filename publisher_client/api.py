@@ -91,7 +91,7 @@ class SwitchboardAPI:
         message, code = _error_of(response)
         text = f"{method} {path}: {response.status_code} {message}"
         status = response.status_code
-        if status >= 500:
+        if status >= 500 or status == 429:  # 429: the server asks us to slow down, not stop
             raise ServerUnavailable(text, status, code)
         if status == 404:
             raise not_found(text, status, code)

@@ -3,6 +3,9 @@ one, consecutive seq numbers, safe retries, and a stop on 410."""
 import threading
 import time
 
+import pytest
+import responses
+
 from publisher_client.backoff import Backoff
 from publisher_client.errors import ServerError, ServerUnavailable, TaskGone
 from publisher_client.streaming import ChunkStream
@@ -182,3 +185,16 @@ def test_the_final_chunk_joins_a_batch_still_gathering():
     stream.finish(done=True, last="[DONE]")
 
     assert post.batches == [(["a", "[DONE]"], 0, True)]
+
+
+@responses.activate
+def test_a_429_on_chunks_is_retryable_not_the_end_of_the_stream():
+    from publisher_client.api import SwitchboardAPI
+    from tests.publisher_client.helpers import API, SERVER
+
+    responses.post(f"{API}/tasks/t1/chunks", status=429, headers={"Retry-After": "1"},
+                   json={"error": {"message": "The client is not reading the stream fast "
+                                   "enough", "type": "rate_limit_error",
+                                   "code": "too_many_pending", "details": {}}})
+    with pytest.raises(ServerUnavailable):
+        SwitchboardAPI(SERVER, "sb_token").post_chunks("t1", ["x"], seq=0)
