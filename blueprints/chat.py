@@ -3,24 +3,17 @@
 The chat view owns three short transactions (see services/chat.py): store the
 turn and commit, run the inference holding no connection, store the outcome.
 """
-import logging
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app
 
 from blueprints.common import caller, json_body, require
 from extensions import db
-from jsonio import dumps
 from models import utcnow
 from schemas.agent import chat_request, thread_create
 from services import chat
-from services.errors import ServiceError, envelope
-from services.inference import SSE_KEEPALIVE, sse_event
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("chat", __name__)
-
-CLIENT_GONE = "The client went away before the answer finished"
 
 
 @bp.get("/agents/<name>/threads")
@@ -65,81 +58,26 @@ def chat_with_agent(name):
     db.session.commit()
     db.session.close()  # hold no pooled connection while the relay waits
     relay = current_app.extensions["relay"]
-    try:
-        reply = relay.infer(turn.target, turn.body)
-        answer = None if reply.stream is not None else chat.read_completion(
-            turn.target.name, reply)
-    except ServiceError as exc:
-        _fail(turn, exc.message)
-        raise
-    except Exception:
-        _fail(turn, "Internal error")
-        raise
+    transaction = _transaction_factory(current_app._get_current_object())
     if turn.stream:
-        app = current_app._get_current_object()
-        return Response(_events(app, turn, reply, answer), content_type="text/event-stream",
+        events = chat.stream_turn(relay, turn, transaction, utcnow)
+        return Response(events, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    chat.finish_turn(db.session, turn, answer, utcnow())
+    answer = chat.complete_turn(db.session, relay, turn, transaction, utcnow)
     db.session.commit()
     return {"thread_id": turn.thread_id, "message_id": turn.message_id,
             "assistant": answer.content, "tool_calls": answer.tool_calls,
             "usage": answer.usage}
 
 
-def _events(app, turn, reply, answer):
-    """The chat's SSE: `text` deltas, then `final` (or `error`). The outcome is
-    stored when the stream settles, in an app context of its own: the
-    request's is gone by then."""
-    if answer is not None:  # the backend answered whole although asked to stream
-        deltas = [answer.content] if answer.content else []
-    else:
-        answer = chat.Answer()
-        deltas = chat.read_stream(turn.target.name, reply, answer)
-    try:
-        for delta in deltas:
-            yield SSE_KEEPALIVE if delta is None else _event({"type": "text", "delta": delta})
-    except ServiceError as exc:
-        _fail(turn, exc.message, answer.content, app)
-        yield _event({"type": "error", **envelope(exc.message, exc.type, exc.code),
-                      "thread_id": turn.thread_id, "message_id": turn.message_id})
-        return
-    except GeneratorExit:
-        _fail(turn, CLIENT_GONE, answer.content, app)
-        raise
-    except Exception:
-        log.exception("chat stream of thread %s failed", turn.thread_id)
-        _fail(turn, "Internal error", answer.content, app)
-        yield _event({"type": "error", **envelope("Internal server error", "server_error",
-                                                  "internal_error"),
-                      "thread_id": turn.thread_id, "message_id": turn.message_id})
-        return
-    finally:
-        if reply.stream is not None:
-            reply.stream.close()  # releases the bus task, or the upstream connection
-    _store(app, chat.finish_turn, turn, answer)
-    yield _event({"type": "final", "thread_id": turn.thread_id,
-                  "message_id": turn.message_id, "tool_calls": answer.tool_calls,
-                  "usage": answer.usage})
-
-
-def _event(payload) -> bytes:
-    return sse_event(dumps(payload))
-
-
-def _fail(turn, error, partial="", app=None):
-    _store(app, chat.fail_turn, turn, error, partial=partial)
-
-
-def _store(app, settle, turn, *args, **kwargs):
-    """Settle the turn and commit; in a fresh app context when `app` is given.
-    A failure here is logged: the message then stays `pending`, never wrong."""
-    try:
-        if app is None:
-            settle(db.session, turn, *args, now=utcnow(), **kwargs)
-            db.session.commit()
-            return
+def _transaction_factory(app):
+    """The transactions the chat service stores an outcome in when it cannot
+    ride on this view's commit: each in an app context of its own (a stream
+    settles after the request's is gone), committed when its block ends
+    cleanly, rolled back otherwise."""
+    @contextmanager
+    def transaction():
         with app.app_context():
-            settle(db.session, turn, *args, now=utcnow(), **kwargs)
+            yield db.session
             db.session.commit()
-    except Exception:
-        log.exception("could not store the outcome of thread %s", turn.thread_id)
+    return transaction

@@ -5,11 +5,15 @@ A turn has three steps, and the view owns the transaction around each:
 1. `start_turn` stores the caller's message (and tool results) and a
    `pending` assistant message, and says what to run; the view commits and
    lets go of its connection;
-2. the relay runs the body (public upstream or publisher, streamed or not),
-   and `read_completion` / `read_stream` turn its reply into an `Answer`,
-   holding no database connection;
+2. `complete_turn` / `stream_turn` run the body on the relay (public upstream
+   or publisher), holding no database connection, and turn its reply into an
+   `Answer` (`read_completion` / `read_stream`);
 3. `finish_turn` stores the answer `complete`, or `fail_turn` stores the
    message `error` with what arrived. Nothing is ever half-written `complete`.
+   An outcome that cannot ride on the view's commit (a failure about to be
+   raised, a stream settling after the request is gone) is stored through the
+   view's `transaction`: a factory of context managers, each yielding a
+   session and committing it when its block ends cleanly.
 
 The context of a turn is the agent's system text (system prompt + the
 personality's prompts), the thread's complete messages in order, and the
@@ -17,18 +21,21 @@ new message; its params are the agent's `default_params` overlaid by the
 call's `params` (a `null` removes a default).
 """
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from jsonio import dumps
 from models import Agent, ChatMessage, ChatThread, MessageStatus, Status
-from services import agents, inference
-from services.errors import (BadGateway, Conflict, Forbidden, Invalid, NotFound, ServiceError,
-                            Unavailable)
-from services.inference import Reply, Target
+from services import agents, inference, rows
+from services.errors import (BadGateway, Forbidden, Invalid, NotFound, ServiceError, Unavailable,
+                            envelope)
+from services.inference import SSE_KEEPALIVE, Reply, Target, sse_event
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,11 @@ TITLE_LENGTH = 80
 # failure is the upstream's, a 502 for our caller.
 PASSED_THROUGH = {400: "invalid_request_error", 413: "invalid_request_error",
                   422: "invalid_request_error", 429: "rate_limit_error"}
+CLIENT_GONE = "The client went away before the answer finished"
+
+# A new transaction each call: a session, committed when the block ends cleanly.
+Transaction = Callable[[], AbstractContextManager[Session]]
+Clock = Callable[[], datetime]
 
 
 class InferenceFailed(ServiceError):
@@ -182,12 +194,8 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
         message.status = message.status or MessageStatus.COMPLETE
         session.add(message)
     thread.last_turn_at = now
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise Conflict(f"Thread '{thread.id}' has another turn starting; retry",
-                       code="turn_conflict") from None
+    rows.flush_or_conflict(session, f"Thread '{thread.id}' has another turn starting; retry",
+                           code="turn_conflict")
 
     messages = [{"role": "system", "content": system}] if system else []
     messages += history + [_context_message(m) for m in new[:-1]]
@@ -207,6 +215,28 @@ def finish_turn(session, turn: Turn, answer: Answer, now) -> None:
 def fail_turn(session, turn: Turn, error: str, now, partial: str = "") -> None:
     """Mark the pending assistant message `error`, with what had arrived."""
     _settle(session, turn, now, status=MessageStatus.ERROR, content=partial, error=error)
+
+
+def complete_turn(session, relay, turn: Turn, transaction: Transaction, clock: Clock) -> Answer:
+    """Run a non-streamed turn on the relay and store its answer `complete` in
+    `session` (the caller commits). A failure is stored `error` in a
+    `transaction` of its own, then raised: InferenceFailed (400/413/422/429 as
+    the upstream said, else 502), or the relay's errors (Unavailable,
+    Timeout, BadGateway ...)."""
+    _reply, answer = _run(relay, turn, transaction, clock)
+    finish_turn(session, turn, answer, clock())
+    return answer
+
+
+def stream_turn(relay, turn: Turn, transaction: Transaction, clock: Clock) -> Iterator[bytes]:
+    """Run a streamed turn on the relay and return the chat's server-sent
+    events: `text` deltas, then `final` (or `error`, with the envelope). The
+    outcome is stored in a `transaction` of its own when the stream settles:
+    `complete`, or `error` with what had arrived (also when the consumer
+    closes the events early). A failure before the stream starts is stored
+    and raised as `complete_turn` does."""
+    reply, answer = _run(relay, turn, transaction, clock)
+    return _events(turn, reply, answer, transaction, clock)
 
 
 # -- reading the relay's reply --------------------------------------------------
@@ -280,6 +310,68 @@ def rejection(llm: str, reply: Reply) -> InferenceFailed:
 
 
 # -- internals ----------------------------------------------------------------
+
+def _run(relay, turn, transaction, clock):
+    """The relay's reply, and its answer when it came whole (else None)."""
+    try:
+        reply = relay.infer(turn.target, turn.body)
+        answer = None if reply.stream is not None else read_completion(turn.target.name, reply)
+    except ServiceError as exc:
+        _store(transaction, fail_turn, turn, exc.message, clock=clock)
+        raise
+    except Exception:
+        _store(transaction, fail_turn, turn, "Internal error", clock=clock)
+        raise
+    return reply, answer
+
+
+def _events(turn, reply, answer, transaction, clock):
+    if answer is not None:  # the backend answered whole although asked to stream
+        deltas = [answer.content] if answer.content else []
+    else:
+        answer = Answer()
+        deltas = read_stream(turn.target.name, reply, answer)
+    try:
+        for delta in deltas:
+            yield SSE_KEEPALIVE if delta is None else _event({"type": "text", "delta": delta})
+    except ServiceError as exc:
+        _store(transaction, fail_turn, turn, exc.message, partial=answer.content, clock=clock)
+        yield _event({"type": "error", **envelope(exc.message, exc.type, exc.code),
+                      "thread_id": turn.thread_id, "message_id": turn.message_id})
+        return
+    except GeneratorExit:
+        _store(transaction, fail_turn, turn, CLIENT_GONE, partial=answer.content, clock=clock)
+        raise
+    except Exception:
+        log.exception("chat stream of thread %s failed", turn.thread_id)
+        _store(transaction, fail_turn, turn, "Internal error", partial=answer.content,
+               clock=clock)
+        yield _event({"type": "error", **envelope("Internal server error", "server_error",
+                                                  "internal_error"),
+                      "thread_id": turn.thread_id, "message_id": turn.message_id})
+        return
+    finally:
+        if reply.stream is not None:
+            reply.stream.close()  # releases the bus task, or the upstream connection
+    _store(transaction, finish_turn, turn, answer, clock=clock)
+    yield _event({"type": "final", "thread_id": turn.thread_id,
+                  "message_id": turn.message_id, "tool_calls": answer.tool_calls,
+                  "usage": answer.usage})
+
+
+def _event(payload) -> bytes:
+    return sse_event(dumps(payload))
+
+
+def _store(transaction, settle, turn, *args, clock, **kwargs):
+    """Settle the turn in a transaction of its own. A failure here is logged:
+    the message then stays `pending`, never wrong."""
+    try:
+        with transaction() as session:
+            settle(session, turn, *args, now=clock(), **kwargs)
+    except Exception:
+        log.exception("could not store the outcome of thread %s", turn.thread_id)
+
 
 def _new_thread(session, agent: Agent, caller, title: str, now) -> ChatThread:
     thread = ChatThread(agent_id=agent.id, owner=caller.id, title=title, created_at=now)

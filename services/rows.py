@@ -1,5 +1,9 @@
 """What the registry services share: the lookup by name, the flush that turns
-a unique-name violation into a 409, and optimistic concurrency on `version`."""
+a unique-name violation into a 409, and optimistic concurrency on `version`.
+
+A flush that fails leaves the session to be rolled back by whoever owns the
+transaction: the view (or CLI command), or the app context's teardown when the
+error is raised through it."""
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
@@ -21,7 +25,6 @@ def flush_or_conflict(session, message: str, code: str = "name_taken") -> None:
     try:
         session.flush()
     except IntegrityError:
-        session.rollback()
         raise Conflict(message, code=code) from None
 
 
@@ -35,9 +38,11 @@ def check_version(row, expected: int | None, label: str) -> None:
 
 def flush_versioned(session, row, label: str) -> None:
     """Flush an update; a concurrent one that won the race is a Conflict."""
+    # The name as it was read: once the flush fails, the row cannot load anything
+    # until the transaction's owner rolls back.
+    name = (sa.inspect(row).attrs.name.history.deleted or [row.name])[0]
     try:
         session.flush()
     except StaleDataError:
-        session.rollback()
-        raise Conflict(f"{label} '{row.name}' was changed concurrently",
+        raise Conflict(f"{label} '{name}' was changed concurrently",
                        code="version_conflict") from None
