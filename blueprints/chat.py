@@ -5,9 +5,9 @@ turn and commit, run the inference holding no connection, store the outcome.
 """
 from contextlib import contextmanager
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response, current_app, request
 
-from blueprints.common import caller, json_body, require
+from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db
 from models import utcnow
 from schemas.agent import chat_request, thread_create
@@ -63,7 +63,8 @@ def chat_with_agent(name):
         events = chat.stream_turn(relay, turn, transaction, utcnow)
         return Response(events, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answer = chat.complete_turn(db.session, relay, turn, transaction, utcnow)
+    answer = chat.complete_turn(db.session, relay, turn, transaction, utcnow,
+                                client_connected=peer_connected(request.environ))
     db.session.commit()
     return {"thread_id": turn.thread_id, "message_id": turn.message_id,
             "assistant": answer.content, "tool_calls": answer.tool_calls,

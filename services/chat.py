@@ -217,13 +217,15 @@ def fail_turn(session, turn: Turn, error: str, now, partial: str = "") -> None:
     _settle(session, turn, now, status=MessageStatus.ERROR, content=partial, error=error)
 
 
-def complete_turn(session, relay, turn: Turn, transaction: Transaction, clock: Clock) -> Answer:
+def complete_turn(session, relay, turn: Turn, transaction: Transaction, clock: Clock,
+                  client_connected=None) -> Answer:
     """Run a non-streamed turn on the relay and store its answer `complete` in
     `session` (the caller commits). A failure is stored `error` in a
     `transaction` of its own, then raised: InferenceFailed (400/413/422/429 as
     the upstream said, else 502), or the relay's errors (Unavailable,
-    Timeout, BadGateway ...)."""
-    _reply, answer = _run(relay, turn, transaction, clock)
+    Timeout, BadGateway, ClientGone when `client_connected()` says the client
+    left while a publisher worked ...)."""
+    _reply, answer = _run(relay, turn, transaction, clock, client_connected)
     finish_turn(session, turn, answer, clock())
     return answer
 
@@ -311,10 +313,10 @@ def rejection(llm: str, reply: Reply) -> InferenceFailed:
 
 # -- internals ----------------------------------------------------------------
 
-def _run(relay, turn, transaction, clock):
+def _run(relay, turn, transaction, clock, client_connected=None):
     """The relay's reply, and its answer when it came whole (else None)."""
     try:
-        reply = relay.infer(turn.target, turn.body)
+        reply = relay.infer(turn.target, turn.body, client_connected=client_connected)
         answer = None if reply.stream is not None else read_completion(turn.target.name, reply)
     except ServiceError as exc:
         _store(transaction, fail_turn, turn, exc.message, clock=clock)
