@@ -56,7 +56,7 @@ def register(session, caller, session_id, llms, agents, now):
         if "project" in spec:
             project = spec.pop("project")
             spec["project_id"] = project and _id_by_name(session, Project, project)
-        row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now)
+        row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now, caller)
         row.owner = row.owner or caller.id
         agent_rows.append(row)
     session.flush()
@@ -142,7 +142,7 @@ def mark_awake(session, llm_name, session_id, now) -> bool:
         .execution_options(synchronize_session=False)).rowcount == 1
 
 
-def _upsert(session, model, spec, session_id, status, now):
+def _upsert(session, model, spec, session_id, status, now, caller=None):
     label = LABELS[model]
     row = session.scalar(sa.select(model).where(model.name == spec["name"]))
     if row is None:
@@ -153,6 +153,12 @@ def _upsert(session, model, spec, session_id, status, now):
     elif row.provider_session_id != session_id and row.status != Status.INACTIVE:
         raise Conflict(f"Virtual {label} '{row.name}' is already active under a different "
                        f"session", code="session_conflict")
+    elif (caller is not None and row.owner not in (None, caller.id)
+          and not caller.is_admin):
+        # An agent's chat threads hang on its row: another publisher adopting
+        # it would be handed their history. It waits for gc-sweep instead.
+        raise Conflict(f"Virtual {label} '{row.name}' belongs to another publisher until "
+                       f"gc-sweep retires it", code="owner_conflict")
     for key, value in spec.items():
         setattr(row, key, value)
     row.provider_session_id = session_id

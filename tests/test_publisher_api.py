@@ -363,3 +363,17 @@ def test_published_agent_must_run_on_the_sessions_own_llm(client, auth):
         assert response.status_code == 403, llm
         assert response.json["error"]["code"] == "foreign_llm"
     assert client.get("/api/v1/agents/freeloader", headers=auth("admin")).status_code == 404
+
+
+def test_another_publisher_cannot_adopt_an_agent_and_its_threads(client, auth,
+                                                                 other_publisher):
+    agent = {"name": "coder", "llm": "vllm-local"}
+    first = register(client, auth, agents=[agent])
+    client.delete(f"/api/v1/publishers/{first['session_id']}", headers=auth("publisher"))
+    response = client.post("/api/v1/publishers/register", headers=other_publisher, json={
+        "llms": [LLM], "agents": [agent]})
+    assert response.status_code == 409
+    assert response.json["error"]["code"] == "owner_conflict"
+    # The same publisher, back after a restart with a new session, takes it back.
+    again = register(client, auth, agents=[agent])
+    assert again["agents"][0]["id"] == first["agents"][0]["id"]
