@@ -68,13 +68,18 @@ def _run(operation, *args):
                    "(default: SWITCHBOARD_INACTIVE_RETENTION, 14400).")
 @with_appcontext
 def gc_sweep(as_json, heartbeat_timeout, retention):
-    """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted."""
+    """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted;
+    settle chat answers a killed worker left pending."""
     config = current_app.config
+    # No request waits longer than a wake plus an inference: a turn pending
+    # for longer lost its worker.
+    interrupted_after = float(config["WAKE_TIMEOUT"]) + float(config["INFER_TIMEOUT"]) + 60
     result = gc.sweep(
         db.session, utcnow(),
         heartbeat_timeout=(heartbeat_timeout if heartbeat_timeout is not None
                            else float(config["HEARTBEAT_TIMEOUT"])),
-        retention=retention if retention is not None else float(config["INACTIVE_RETENTION"]))
+        retention=retention if retention is not None else float(config["INACTIVE_RETENTION"]),
+        interrupted_after=interrupted_after)
     db.session.commit()
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":")))
@@ -83,6 +88,8 @@ def gc_sweep(as_json, heartbeat_timeout, retention):
             counts = result[table]
             click.echo(f"{table}: {counts['marked_inactive']} marked inactive, "
                        f"{counts['deleted']} deleted")
+        click.echo(f"chat messages: {result['chat_messages']['settled']} interrupted "
+                   f"turns settled as error")
 
 
 def init_app(app):

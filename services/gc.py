@@ -9,7 +9,10 @@ Set-based, a few statements whatever the row count:
    deleted too (agent → LLM is restrict). An LLM that a public agent pins is
    kept: an operator's agent is not ours to delete;
 3. publisher sessions with no rows left and no heartbeat within the
-   retention are forgotten.
+   retention are forgotten;
+4. with `interrupted_after`, assistant messages still `pending` that long
+   after they were started (their worker was killed mid-turn: no request
+   lives that long) are settled `error`.
 
 Public rows are never touched. Every statement re-checks its condition, so a
 second sweep, or two at once, finds nothing left to do.
@@ -18,15 +21,21 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from models import Agent, Kind, Llm, PublisherSession, Status
+from models import Agent, ChatMessage, Kind, Llm, PublisherSession, Status
+from models.chat import MessageStatus
 from services.lifecycle import mark_inactive
 
 LIVE = (Status.ACTIVE, Status.HIBERNATING)
 
 
-def sweep(session, now, heartbeat_timeout: float, retention: float) -> dict:
+INTERRUPTED = "interrupted: the server stopped before the answer was stored"
+
+
+def sweep(session, now, heartbeat_timeout: float, retention: float,
+          interrupted_after: float | None = None) -> dict:
     """Run one sweep as of `now` (naive UTC). Returns
-    `{marked_inactive, deleted, llms: {marked_inactive, deleted}, agents: {...}}`."""
+    `{marked_inactive, deleted, llms: {marked_inactive, deleted}, agents: {...}}`,
+    and `chat_messages: {settled}` with `interrupted_after`."""
     stale_before = now - timedelta(seconds=heartbeat_timeout)
     expired_before = now - timedelta(seconds=retention)
 
@@ -36,9 +45,22 @@ def sweep(session, now, heartbeat_timeout: float, retention: float) -> dict:
     agents["deleted"] += _delete_agents_pinned_to_expired_llms(session, expired_before)
     llms["deleted"] = _delete_expired(session, Llm, expired_before)
     _forget_empty_sessions(session, expired_before)
-    return {"marked_inactive": agents["marked_inactive"] + llms["marked_inactive"],
-            "deleted": agents["deleted"] + llms["deleted"],
-            "llms": llms, "agents": agents}
+    result = {"marked_inactive": agents["marked_inactive"] + llms["marked_inactive"],
+              "deleted": agents["deleted"] + llms["deleted"],
+              "llms": llms, "agents": agents}
+    if interrupted_after is not None:
+        result["chat_messages"] = {"settled": _settle_interrupted_messages(
+            session, now - timedelta(seconds=interrupted_after))}
+    return result
+
+
+def _settle_interrupted_messages(session, started_before) -> int:
+    return session.execute(
+        sa.update(ChatMessage)
+        .where(ChatMessage.status == MessageStatus.PENDING,
+               ChatMessage.created_at < started_before)
+        .values(status=MessageStatus.ERROR, error=INTERRUPTED)
+        .execution_options(synchronize_session=False)).rowcount
 
 
 def _mark_stale(session, model, now, stale_before) -> int:

@@ -308,7 +308,8 @@ def test_gc_sweep_json_prints_totals_and_per_table_counts(app, client, auth, run
     assert json.loads(result.output) == {
         "marked_inactive": 1, "deleted": 0,
         "llms": {"marked_inactive": 1, "deleted": 0},
-        "agents": {"marked_inactive": 0, "deleted": 0}}
+        "agents": {"marked_inactive": 0, "deleted": 0},
+        "chat_messages": {"settled": 0}}
 
 
 def test_gc_sweep_options_override_the_settings(client, auth, runner):
@@ -377,3 +378,28 @@ def test_another_publisher_cannot_adopt_an_agent_and_its_threads(client, auth,
     # The same publisher, back after a restart with a new session, takes it back.
     again = register(client, auth, agents=[agent])
     assert again["agents"][0]["id"] == first["agents"][0]["id"]
+
+
+def test_gc_sweep_settles_turns_a_killed_worker_left_pending(app, runner):
+    from models import Agent, ChatMessage, ChatThread
+
+    with app.app_context():
+        for row in (Llm(id="l1", name="m", model="m", url="http://127.0.0.1:9/v1"),
+                    Agent(id="a1", name="bot", llm_id="l1"),
+                    ChatThread(id="t1", agent_id="a1", owner="someone")):
+            db.session.add(row)
+            db.session.flush()
+        long_ago, just_now = utcnow() - timedelta(hours=1), utcnow()
+        for turn, (role, status, created) in enumerate([
+                ("user", "complete", long_ago), ("assistant", "pending", long_ago),
+                ("user", "complete", just_now), ("assistant", "pending", just_now)]):
+            db.session.add(ChatMessage(id=f"m{turn}", thread_id="t1", turn_index=turn,
+                                       role=role, status=status, created_at=created))
+        db.session.commit()
+    result = json.loads(runner.invoke(args=["gc-sweep", "--json"]).output)
+    assert result["chat_messages"] == {"settled": 1}
+    with app.app_context():
+        statuses = dict(db.session.execute(sa.select(ChatMessage.id, ChatMessage.status)).all())
+        error = db.session.get(ChatMessage, "m1").error
+    assert statuses == {"m0": "complete", "m1": "error", "m2": "complete", "m3": "pending"}
+    assert error.startswith("interrupted")
