@@ -17,8 +17,10 @@ A turn has three steps, and the view owns the transaction around each:
 
 The context of a turn is the agent's system text (system prompt + the
 personality's prompts), the thread's complete messages in order, and the
-new message; its params are the agent's `default_params` overlaid by the
-call's `params` (a `null` removes a default).
+new message, with each run of user messages joined into one (a failed turn
+leaves its user message unanswered, and chat templates such as Mistral's
+demand that user and assistant alternate); its params are the agent's
+`default_params` overlaid by the call's `params` (a `null` removes a default).
 """
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -198,7 +200,7 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
                            code="turn_conflict")
 
     messages = [{"role": "system", "content": system}] if system else []
-    messages += history + [_context_message(m) for m in new[:-1]]
+    messages += _alternating(history + [_context_message(m) for m in new[:-1]])
     params = {key: value for key, value in {**defaults, **request.get("params", {})}.items()
               if value is not None}
     body = {**params, "model": target.model, "messages": messages,
@@ -405,6 +407,18 @@ def _context_message(message: ChatMessage) -> dict:
     if message.tool_call_id:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _alternating(messages: list[dict]) -> list[dict]:
+    """The messages with each run of user messages joined by a blank line."""
+    joined = []
+    for message in messages:
+        if joined and message["role"] == "user" and joined[-1]["role"] == "user":
+            joined[-1] = {**joined[-1],
+                          "content": f"{joined[-1]['content']}\n\n{message['content']}"}
+        else:
+            joined.append(message)
+    return joined
 
 
 def _settle(session, turn, now, **values):

@@ -238,8 +238,9 @@ def test_a_failed_turn_in_a_thread_is_skipped_by_the_next_turn(agent, chat, upst
     thread_id = chat({"message": "1"}).json["thread_id"]
     assert chat({"message": "2", "thread_id": thread_id}).status_code == 502
     chat({"message": "3", "thread_id": thread_id})
-    assert [m["content"] for m in sent(upstream.calls[2])["messages"][1:]] == ["1", "one", "2",
-                                                                              "3"]
+    # The failed turn's question stays, its error does not; roles still alternate.
+    assert [(m["role"], m["content"]) for m in sent(upstream.calls[2])["messages"][1:]] == [
+        ("user", "1"), ("assistant", "one"), ("user", "2\n\n3")]
 
 
 # -- tool calls -----------------------------------------------------------------
