@@ -166,9 +166,12 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
     assistant message in the thread (a new one without `thread_id`), and
     build the body to run. Raises NotFound (agent, thread, personality),
     Forbidden (another token's thread), Unavailable (inactive agent or LLM),
-    Invalid (tool results without a thread), Conflict (a concurrent turn took
-    the same place in the thread). A row known to be inactive (agent or LLM)
-    is refused here, before anything is stored: there is no turn to record."""
+    Invalid (tool results without a thread; tool results that do not answer
+    each unanswered tool call of the thread's last complete assistant
+    message exactly once, or a message without them while such calls wait),
+    Conflict (a concurrent turn took the same place in the thread). A row
+    known to be inactive (agent or LLM) is refused here, before anything is
+    stored: there is no turn to record."""
     agent = agents.get_usable_agent(session, agent_name)
     system, defaults = agents.persona(session, agent, request.get("personality"))
     target = inference.resolve(session, agent.llm.name)
@@ -177,10 +180,11 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
                           code="publisher_offline")
     thread = _thread_for_turn(session, agent, caller, request, now)
 
-    history = [_context_message(m) for m in session.scalars(
+    history = list(session.scalars(
         sa.select(ChatMessage)
         .where(ChatMessage.thread_id == thread.id, ChatMessage.status == MessageStatus.COMPLETE)
-        .order_by(ChatMessage.turn_index))]
+        .order_by(ChatMessage.turn_index)))
+    _check_tool_results(thread, _unanswered_calls(history), request.get("tool_results", ()))
     index = session.scalar(sa.select(sa.func.max(ChatMessage.turn_index))
                            .where(ChatMessage.thread_id == thread.id))
     index = -1 if index is None else index
@@ -200,7 +204,7 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
                            code="turn_conflict")
 
     messages = [{"role": "system", "content": system}] if system else []
-    messages += _alternating(history + [_context_message(m) for m in new[:-1]])
+    messages += _alternating([_context_message(m) for m in history + new[:-1]])
     params = {key: value for key, value in {**defaults, **request.get("params", {})}.items()
               if value is not None}
     body = {**params, "model": target.model, "messages": messages,
@@ -397,6 +401,45 @@ def _thread_for_turn(session, agent, caller, request, now):
         raise NotFound(f"Thread '{thread.id}' not found for agent '{agent.name}'",
                        code="thread_not_found")
     return thread
+
+
+def _unanswered_calls(history: list[ChatMessage]) -> list[str]:
+    """The ids of the tool calls of the last assistant message in `history`
+    that no later tool message answers."""
+    for position in range(len(history) - 1, -1, -1):
+        if history[position].role == "assistant":
+            answered = {m.tool_call_id for m in history[position + 1:] if m.role == "tool"}
+            return [call["id"] for call in history[position].tool_calls or ()
+                    if call.get("id") and call["id"] not in answered]
+    return []
+
+
+def _check_tool_results(thread, pending: list[str], results) -> None:
+    """Tool results must answer each pending call exactly once: an
+    OpenAI-style upstream rejects a context with an unanswered call, or an
+    answer to no call, on this turn and on every later one."""
+    given = [result["tool_call_id"] for result in results]
+    if not pending:
+        if given:
+            raise Invalid(f"Thread '{thread.id}' has no tool calls waiting for results: "
+                          f"unknown {', '.join(sorted(set(given)))}",
+                          code="tool_results_mismatch", details={"unknown": sorted(set(given))})
+        return
+    if not given:
+        raise Invalid(f"Thread '{thread.id}' waits for the results of tool calls "
+                      f"{', '.join(pending)}: give tool_results",
+                      code="tool_results_required", details={"missing": pending})
+    problems = {
+        "missing": [call for call in pending if call not in given],
+        "unknown": sorted({call for call in given if call not in pending}),
+        "duplicate": sorted({call for call in given if given.count(call) > 1} & set(pending)),
+    }
+    problems = {kind: calls for kind, calls in problems.items() if calls}
+    if problems:
+        named = "; ".join(f"{kind} {', '.join(calls)}" for kind, calls in problems.items())
+        raise Invalid(f"tool_results must answer each tool call waiting in thread "
+                      f"'{thread.id}' ({', '.join(pending)}) once: {named}",
+                      code="tool_results_mismatch", details=problems)
 
 
 def _context_message(message: ChatMessage) -> dict:

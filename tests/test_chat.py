@@ -283,6 +283,75 @@ def test_chat_needs_a_message_or_tool_results(agent, chat):
     assert chat({"thread_id": "x"}).status_code == 400
 
 
+OTHER_CALL = {"id": "call_2", "type": "function",
+              "function": {"name": "read_file", "arguments": "{\"path\": \"b.py\"}"}}
+
+
+@pytest.fixture
+def waiting_thread(agent, chat, upstream):
+    """A thread whose last answer asked for tool calls call_1 and call_2."""
+    upstream.post(UPSTREAM, json=completion(None, tool_calls=[TOOL_CALL, OTHER_CALL]))
+    return chat({"message": "read a.py and b.py"}).json["thread_id"]
+
+
+def test_a_message_while_tool_calls_wait_for_results_is_400_and_stores_nothing(
+        waiting_thread, chat, messages):
+    response = chat({"thread_id": waiting_thread, "message": "never mind"})
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "tool_results_required"
+    assert response.json["error"]["details"] == {"missing": ["call_1", "call_2"]}
+    assert len(messages(waiting_thread)) == 2
+
+
+def test_tool_results_missing_a_waiting_call_are_400_naming_it(waiting_thread, chat):
+    response = chat({"thread_id": waiting_thread,
+                     "tool_results": [{"tool_call_id": "call_1", "content": "print(1)"}]})
+    assert response.status_code == 400
+    assert response.json["error"]["details"] == {"missing": ["call_2"]}
+    assert "missing call_2" in response.json["error"]["message"]
+
+
+def test_tool_results_with_an_unknown_tool_call_id_are_400_naming_it(waiting_thread, chat):
+    response = chat({"thread_id": waiting_thread, "tool_results": [
+        {"tool_call_id": "call_1", "content": "print(1)"},
+        {"tool_call_id": "call_2", "content": "print(2)"},
+        {"tool_call_id": "call_9", "content": "?"}]})
+    assert response.status_code == 400
+    assert response.json["error"]["details"] == {"unknown": ["call_9"]}
+    assert "unknown call_9" in response.json["error"]["message"]
+
+
+def test_tool_results_answering_a_call_twice_are_400_naming_it(waiting_thread, chat):
+    response = chat({"thread_id": waiting_thread, "tool_results": [
+        {"tool_call_id": "call_1", "content": "print(1)"},
+        {"tool_call_id": "call_2", "content": "print(2)"},
+        {"tool_call_id": "call_1", "content": "print(1) again"}]})
+    assert response.status_code == 400
+    assert response.json["error"]["details"] == {"duplicate": ["call_1"]}
+    assert "duplicate call_1" in response.json["error"]["message"]
+
+
+def test_tool_results_when_no_tool_call_waits_are_400(agent, chat, upstream, messages):
+    upstream.post(UPSTREAM, json=completion("plain answer"))
+    thread_id = chat({"message": "hi"}).json["thread_id"]
+    response = chat({"thread_id": thread_id,
+                     "tool_results": [{"tool_call_id": "call_1", "content": "x"}]})
+    assert response.status_code == 400
+    assert response.json["error"]["details"] == {"unknown": ["call_1"]}
+    assert len(messages(thread_id)) == 2
+
+
+def test_tool_results_of_a_failed_turn_still_answer_the_calls(waiting_thread, chat, upstream):
+    upstream.post(UPSTREAM, status=500, json={"error": "boom"})
+    upstream.post(UPSTREAM, json=completion("both fine"))
+    results = [{"tool_call_id": "call_1", "content": "print(1)"},
+               {"tool_call_id": "call_2", "content": "print(2)"}]
+    assert chat({"thread_id": waiting_thread, "tool_results": results}).status_code == 502
+    assert chat({"thread_id": waiting_thread, "message": "go on"}).status_code == 200
+    assert [m["role"] for m in sent(upstream.calls[2])["messages"][1:]] == [
+        "user", "assistant", "tool", "tool", "user"]
+
+
 # -- streaming ------------------------------------------------------------------
 
 def test_streamed_chat_emits_text_deltas_then_final_and_stores_the_answer(
