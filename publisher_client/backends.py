@@ -4,10 +4,13 @@ A backend answers a chat-completions body with an Answer: either a status
 and body (non-streaming, or a streaming request the backend refused), or an
 iterator of SSE payloads (chat.completion.chunk JSON strings, then
 "[DONE]"). Every request runs under a Call, which another thread may abort
-at any moment: the socket is shut down, so a blocked read returns at once
-and the backend sees the client go away.
+at any moment: the socket is shut down, so a blocked connect, send or read
+returns at once and the backend sees the client go away.
 """
+import contextlib
 import json
+import logging
+import socket
 import threading
 import time
 import uuid
@@ -15,10 +18,15 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from publisher_client.config import LlmConfig
 from publisher_client.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
 
 DONE = "[DONE]"
 CONNECT_TIMEOUT = 5.0
@@ -32,42 +40,99 @@ class Aborted(Exception):
 
 
 class Call:
-    """One backend request that another thread may abort."""
+    """One backend request that another thread may abort.
+
+    The request's connection hands its socket over as soon as it connects
+    (see _CallConnection), so abort() works before the backend has sent a
+    byte: vLLM and llama.cpp send a plain answer's headers only when it is
+    finished, Ollama a stream's only once the model is loaded."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._response = None
+        self._sock = None
         self.aborted = threading.Event()
 
-    def attach(self, response):
-        """Hold `response` so abort() can close it. Raises Aborted (and
-        closes it) when the call was aborted meanwhile."""
+    def hold(self, sock):
+        """Keep `sock` for abort(); shut it down at once if that already happened."""
         with self._lock:
             if not self.aborted.is_set():
-                self._response = response
+                self._sock = sock
                 return
-        response.close()
-        raise Aborted()
+        _shut_down(sock)
 
     def abort(self):
         with self._lock:
             self.aborted.set()
-            response, self._response = self._response, None
-        if response is not None:
-            _interrupt(response)
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            _shut_down(sock)
 
     def check(self):
         if self.aborted.is_set():
             raise Aborted()
 
 
-def _interrupt(response):
-    """Wake the thread reading `response`; it closes the response, and the
-    backend sees the connection go."""
+def _shut_down(sock):
+    """Wake the thread blocked on `sock`; the backend sees the connection go."""
     try:
-        response.raw.shutdown()
-    except Exception:  # nobody is reading (released or not started): just close
-        response.close()
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed: the request is over
+        pass
+
+
+# The Call whose request runs on this thread, for the connection to find.
+_running = threading.local()
+
+
+@contextlib.contextmanager
+def _running_under(call: Call):
+    _running.call = call
+    try:
+        yield
+    finally:
+        _running.call = None
+
+
+class _HandsSocketToCall:
+    def connect(self):
+        super().connect()
+        call = getattr(_running, "call", None)
+        if call is not None:
+            call.hold(self.sock)
+
+
+class _CallConnection(_HandsSocketToCall, HTTPConnection):
+    pass
+
+
+class _CallHTTPSConnection(_HandsSocketToCall, HTTPSConnection):
+    pass
+
+
+class _CallPool(HTTPConnectionPool):
+    ConnectionCls = _CallConnection
+
+
+class _CallHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _CallHTTPSConnection
+
+
+_CALL_POOLS = {"http": _CallPool, "https": _CallHTTPSPool}
+
+
+class _CallAdapter(HTTPAdapter):
+    """Connections whose socket goes to the Call running on their thread.
+    (Through a SOCKS proxy they do not: an abort then waits for the headers.)"""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _CALL_POOLS
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if manager.pool_classes_by_scheme is urllib3.poolmanager.pool_classes_by_scheme:
+            manager.pool_classes_by_scheme = _CALL_POOLS
+        return manager
 
 
 @dataclass
@@ -83,9 +148,12 @@ class OpenAIBackend:
     def __init__(self, llm: LlmConfig):
         self.url = llm.url
         self.http = requests.Session()   # trust_env: NO_PROXY applies to backends too
-        adapter = HTTPAdapter(pool_maxsize=max(10, llm.max_concurrency + 2))
+        adapter = _CallAdapter(pool_maxsize=max(10, llm.max_concurrency + 2))
         self.http.mount("http://", adapter)
         self.http.mount("https://", adapter)
+        # A connection is never reused, so a late abort() cannot cut the next
+        # request's; one connect per answer is nothing next to generating it.
+        self.http.headers["Connection"] = "close"
         if llm.api_key:
             self.http.headers["Authorization"] = f"Bearer {llm.api_key}"
 
@@ -100,24 +168,25 @@ class OpenAIBackend:
 
     def answer(self, body: dict, stream: bool, call: Call) -> Answer:
         """POST {url}/chat/completions. Raises BackendUnavailable when the
-        backend cannot be reached, Aborted when `call` is aborted."""
+        backend cannot be reached or breaks off, Aborted when `call` is aborted."""
         read_timeout = STREAM_READ_TIMEOUT if stream else INFER_READ_TIMEOUT
         try:
-            # stream=True even for a plain answer: the open response is what
-            # abort() closes to stop the backend's work.
-            response = self.http.post(f"{self.url}/chat/completions", json=body, stream=True,
-                                      timeout=(CONNECT_TIMEOUT, read_timeout))
-        except requests.RequestException as exc:
+            with _running_under(call):
+                response = self.http.post(f"{self.url}/chat/completions", json=body,
+                                          stream=True, timeout=(CONNECT_TIMEOUT, read_timeout))
+        except requests.RequestException as exc:  # an abort shows up here too
             call.check()
-            raise BackendUnavailable(f"backend {self.url} unreachable: {exc}") from None
-        call.attach(response)
+            raise self._failure("unreachable", exc) from None
+        if call.aborted.is_set():
+            response.close()
+            raise Aborted()
         if stream and 200 <= response.status_code < 300:
             return Answer(response.status_code, chunks=self._sse_payloads(response, call))
         try:
             content = response.content
         except Exception as exc:  # an abort shows up here as a read error
             call.check()
-            raise BackendUnavailable(f"backend {self.url} failed mid-answer: {exc}") from None
+            raise self._failure("failed mid-answer", exc) from None
         finally:
             response.close()
         call.check()
@@ -143,17 +212,37 @@ class OpenAIBackend:
             raise
         except Exception as exc:  # an abort shows up here as a read error
             call.check()
-            raise BackendUnavailable(f"backend {self.url} stream broke: {exc}") from None
+            raise self._failure("stream broke", exc) from None
         finally:
             response.close()
+
+    def _failure(self, what: str, exc: Exception) -> BackendUnavailable:
+        """A short error for the server (it reaches clients); the URL and the
+        cause stay in the local log."""
+        what = "timed out" if _timed_out(exc) else what
+        return BackendUnavailable(f"backend {what}", f"backend {self.url} {what}: {exc}")
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Whether a timeout is anywhere in the chain requests and urllib3 wrap it in."""
+    for _ in range(10):
+        if exc is None:
+            return False
+        if isinstance(exc, (TimeoutError, requests.Timeout, urllib3.exceptions.TimeoutError)):
+            return True
+        inner = (exc.args[0] if exc.args else None, getattr(exc, "reason", None),
+                 exc.__cause__, exc.__context__)
+        exc = next((e for e in inner if isinstance(e, BaseException)), None)
+    return False
 
 
 def _lines(raw, call) -> Iterator[str]:
     """Lines of a streamed body, each yielded as soon as its newline arrives
-    (read1 returns what the socket has instead of waiting for a full buffer)."""
+    (read1 returns what the socket has instead of waiting for a full buffer;
+    decode_content undoes a backend's gzip)."""
     buffer = b""
     while True:
-        data = raw.read1(65536)
+        data = raw.read1(65536, decode_content=True)
         if not data:
             break
         buffer += data

@@ -30,9 +30,19 @@ class TaskGone(ServerError):
     """The task was cancelled, expired or is unknown: stop working on it."""
 
 
-class BackendUnavailable(PublisherError):
-    """The local LLM backend could not be reached."""
+class TaskFailure(PublisherError):
+    """A task failed. str() is short and generic: it is posted to the server
+    and reaches clients (502 messages, chat history). `detail` holds what only
+    the local log may see: backend URLs, wake commands, their stderr."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
-class WakeError(PublisherError):
+class BackendUnavailable(TaskFailure):
+    """The local LLM backend could not be reached, or broke off its answer."""
+
+
+class WakeError(TaskFailure):
     """A wake recipe failed, or the backend did not come up in time."""

@@ -17,7 +17,8 @@ from publisher_client.backends import DONE, Aborted, Call, create_backend
 from publisher_client.backoff import Backoff
 from publisher_client.config import Config, LlmConfig
 from publisher_client.errors import (BackendUnavailable, PublisherError, ServerError,
-                                     ServerUnavailable, SessionNotFound, TaskGone, WakeError)
+                                     ServerUnavailable, SessionNotFound, TaskFailure, TaskGone,
+                                     WakeError)
 from publisher_client.session_file import load_session_id, save_session_id
 from publisher_client.streaming import ChunkStream
 from publisher_client.wake import Waker
@@ -247,8 +248,8 @@ class Publisher:
             return
         try:
             ms = llm.waker.wake()
-        except WakeError as exc:
-            log.warning("task %s: waking %s failed: %s", task_id, llm.name, exc)
+        except WakeError as exc:   # the server gets the short message, the log the detail
+            log.warning("task %s: waking %s failed: %s", task_id, llm.name, exc.detail)
             self._post_result(task_id, {"error": str(exc)})
             return
         self.heartbeat()
@@ -274,8 +275,8 @@ class Publisher:
         except Aborted:
             log.info("task %s (%s) stopped after %d ms: the client went away", task_id,
                      llm.name, _ms_since(started))
-        except (BackendUnavailable, WakeError) as exc:
-            log.warning("task %s (%s) failed: %s", task_id, llm.name, exc)
+        except TaskFailure as exc:   # the server gets the short message, the log the detail
+            log.warning("task %s (%s) failed: %s", task_id, llm.name, exc.detail)
             self._post_result(task_id, {"error": str(exc)})
         except Exception:
             log.exception("task %s (%s) failed", task_id, llm.name)

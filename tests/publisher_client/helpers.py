@@ -1,5 +1,6 @@
 """Constants and small helpers of the publisher client's tests."""
 import json
+import socket
 import time
 
 SERVER = "http://switchboard.test"
@@ -77,6 +78,89 @@ class SlowStreamBackend:
                 except OSError:
                     backend.disconnected.set()
                 self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FixedAnswerBackend:
+    """A real backend on a loopback port that answers every POST with `body`
+    and `headers` (for what `responses` does not fake: its raw responses
+    decode gzip on their own, requests' real ones do not)."""
+
+    def __init__(self, body: bytes, headers: dict):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                for name, value in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class LateHeadersBackend:
+    """A real backend on a loopback port that sends nothing, not even headers,
+    for `delay` seconds after a request (vLLM on a plain answer, Ollama
+    loading a model), then a completion. `received` is set when a request
+    arrives, `disconnected` when the client hangs up before the answer."""
+
+    def __init__(self, delay=5.0):
+        import select
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.received = threading.Event()
+        self.disconnected = threading.Event()
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                backend.received.set()
+                readable, _, _ = select.select([self.connection], [], [], delay)
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    backend.disconnected.set()   # EOF: the client went away
+                    self.close_connection = True
+                    return
+                body = b'{"object": "chat.completion", "choices": []}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

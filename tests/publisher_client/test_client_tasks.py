@@ -1,16 +1,20 @@
 """Running tasks: infer (plain and streamed) against the backends, posting
 results and chunk batches, cancel and 410, max_concurrency, wake first."""
+import gzip
 import json
+import socket
 import threading
+import time
 
 import pytest
 import requests
 import responses
 
 from publisher_client import Publisher
-from publisher_client.backends import Answer, Call
-from tests.publisher_client.helpers import (API, BACKEND, SlowStreamBackend, calls_to, sent_json,
-                                            wait_for)
+from publisher_client.backends import Aborted, Answer, Call, OpenAIBackend
+from publisher_client.config import LlmConfig
+from tests.publisher_client.helpers import (API, BACKEND, FixedAnswerBackend, LateHeadersBackend,
+                                            SlowStreamBackend, calls_to, sent_json, wait_for)
 
 BODY = {"model": "qwen", "messages": [{"role": "user", "content": "hello there"}]}
 COMPLETION = {"object": "chat.completion",
@@ -105,14 +109,28 @@ def test_a_backend_error_status_is_passed_on_not_swallowed(publisher, mocked, st
     assert result_of(mocked) == {"status": status, "body": error}
 
 
-def test_an_unreachable_backend_posts_an_error(publisher, mocked):
-    mocked.post(f"{BACKEND}/chat/completions", body=requests.ConnectionError("refused"))
+def test_an_unreachable_backend_posts_a_short_error_and_logs_the_details(publisher, mocked,
+                                                                         caplog):
+    """The posted text reaches clients (502 messages, chat history): no backend URL."""
+    mocked.post(f"{BACKEND}/chat/completions",
+                body=requests.ConnectionError(f"refused: {BACKEND}/chat/completions"))
     posted = expect_result(mocked)
 
     publisher().dispatch(infer())
 
     assert posted.wait(5)
-    assert "unreachable" in result_of(mocked)["error"]
+    assert result_of(mocked) == {"error": "backend unreachable"}
+    wait_for(lambda: BACKEND in caplog.text, what="the details in the local log")
+
+
+def test_a_backend_timeout_posts_backend_timed_out(publisher, mocked):
+    mocked.post(f"{BACKEND}/chat/completions", body=requests.ReadTimeout("read timed out"))
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer())
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"error": "backend timed out"}
 
 
 def test_an_api_key_goes_to_the_backend(make_config, mocked):
@@ -181,6 +199,22 @@ def test_sse_details_are_handled(publisher, mocked):
 
     assert done.wait(5)
     assert posted_chunks(mocked)[0] == ['{"n": 1}', '{"n": 2}', "[DONE]"]
+
+
+def test_a_gzip_compressed_stream_is_decoded(publisher, mocked):
+    payloads = ['{"n": 1}', '{"n": 2}']
+    backend = FixedAnswerBackend(gzip.compress(sse(*payloads, "[DONE]")),
+                                 {"Content-Type": "text/event-stream",
+                                  "Content-Encoding": "gzip"})
+    mocked.add_passthru("http://127.0.0.1")
+    done = expect_chunks(mocked)
+    try:
+        publisher(url=backend.url).dispatch(infer(streaming=True))
+
+        assert done.wait(5)
+    finally:
+        backend.stop()
+    assert posted_chunks(mocked)[0] == [*payloads, "[DONE]"]
 
 
 def test_a_stream_the_backend_refuses_is_posted_as_a_result(publisher, mocked):
@@ -335,17 +369,54 @@ def test_a_task_cancelled_while_waiting_for_a_slot_never_reaches_the_backend(pub
     assert not calls_to(mocked, "POST", "/tasks/queued/result")
 
 
-def test_a_call_aborted_before_the_response_arrives_closes_it():
+def test_a_call_aborted_before_its_connection_exists_shuts_the_socket_at_once():
     call = Call()
     call.abort()
+    ours, backends = socket.socketpair()
 
-    class Response:
-        closed = False
+    call.hold(ours)
 
-        def close(self):
-            self.closed = True
+    backends.settimeout(1)
+    assert backends.recv(1) == b""   # EOF: the backend sees us go
+    ours.close()
+    backends.close()
 
-    response = Response()
-    with pytest.raises(Exception):
-        call.attach(response)
-    assert response.closed
+
+# -- stopping work before the backend sends headers -------------------------------
+
+@pytest.fixture
+def late_backend():
+    backend = LateHeadersBackend(delay=5.0)
+    yield backend
+    backend.stop()
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["plain", "stream"])
+def test_a_cancel_stops_a_request_whose_backend_has_not_sent_headers_yet(
+        publisher, mocked, late_backend, streaming):
+    mocked.add_passthru("http://127.0.0.1")
+    p = publisher(url=late_backend.url)
+    p.dispatch(infer(streaming=streaming))
+    assert late_backend.received.wait(2)
+    time.sleep(0.5)
+    cancelled = time.monotonic()
+
+    p.dispatch({"kind": "cancel", "task_id": "t1"})
+
+    wait_for(lambda: "t1" not in p._calls, timeout=1.0, what="the call to return")
+    assert time.monotonic() - cancelled < 1.0
+    assert late_backend.disconnected.wait(1), "the backend never saw the client go"
+    assert not calls_to(mocked, "POST", "/tasks/t1/result")
+
+
+def test_an_aborted_call_returns_at_once_while_the_backend_holds_its_headers(late_backend):
+    backend = OpenAIBackend(LlmConfig(name="v", type="openai", model="m", url=late_backend.url))
+    call = Call()
+    threading.Timer(0.5, call.abort).start()
+    started = time.monotonic()
+
+    with pytest.raises(Aborted):
+        backend.answer({"messages": []}, False, call)
+
+    assert time.monotonic() - started < 1.0
+    assert late_backend.disconnected.wait(1)
