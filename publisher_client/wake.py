@@ -5,6 +5,8 @@
 availability is then polled until the recipe's `max_wait_seconds`.
 """
 import logging
+import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -31,15 +33,20 @@ def run_recipe(recipe: WakeRecipe, max_seconds: float):
 
 
 def _run_http(recipe, timeout):
+    # The messages go to the server and on to clients: never the URL (it may
+    # carry a token), which only the local log sees, in `detail`.
     try:
         response = requests.request(recipe.method, recipe.url, headers=recipe.headers,
                                     data=recipe.body, timeout=(min(5.0, timeout), timeout))
     except requests.Timeout:
-        raise WakeError(f"wake request to {recipe.url} timed out after {timeout:g} s") from None
+        raise WakeError("wake request timed out", f"wake request to {recipe.url} timed out "
+                        f"after {timeout:g} s") from None
     except requests.RequestException as exc:
-        raise WakeError(f"wake request to {recipe.url} failed: {exc}") from None
+        raise WakeError("wake request failed",
+                        f"wake request to {recipe.url} failed: {exc}") from None
     if not 200 <= response.status_code < 300:
-        raise WakeError(f"wake request to {recipe.url} answered {response.status_code}")
+        raise WakeError(f"wake request failed with status {response.status_code}",
+                        f"wake request to {recipe.url} answered {response.status_code}")
 
 
 def _run_command(recipe, timeout):
@@ -48,21 +55,34 @@ def _run_command(recipe, timeout):
     # background leaves it holding the descriptor, and a pipe would never close.
     with tempfile.TemporaryFile() as stderr:
         try:
-            # A new session: Ctrl-C on the publisher must not kill the backend it started.
-            completed = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=stderr, timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise WakeError(f"wake command {recipe.command} did not finish "
-                            f"within {timeout:g} s") from None
+            # A new session: Ctrl-C on the publisher must not kill the backend it
+            # started. It also makes the command a process group of its own.
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=stderr, start_new_session=True)
         except OSError as exc:
-            raise WakeError(f"wake command {recipe.command} could not start: "
-                            f"{exc.strerror or exc}") from None
-        if completed.returncode != 0:
+            raise WakeError("wake command could not start", f"wake command {recipe.command} "
+                            f"could not start: {exc.strerror or exc}") from None
+        try:
+            returncode = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            raise WakeError("wake command timed out", f"wake command {recipe.command} did not "
+                            f"finish within {timeout:g} s") from None
+        if returncode != 0:
             stderr.seek(0)
             lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
             tail = f": {lines[-1][:200]}" if lines else ""
-            raise WakeError(f"wake command {recipe.command} exited with code "
-                            f"{completed.returncode}{tail}")
+            raise WakeError(f"wake command exited {returncode}", f"wake command "
+                            f"{recipe.command} exited with code {returncode}{tail}")
+
+
+def _kill_group(process):
+    """Kill the command and whatever it started (its process group), then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the whole group already ended
+        pass
+    process.wait()
 
 
 class Waker:

@@ -64,15 +64,33 @@ def test_http_recipe_sends_method_headers_and_body(mocked):
 def test_http_recipe_fails_on_a_non_2xx_answer(mocked):
     mocked.get(WAKE_URL, status=500)
 
-    with pytest.raises(WakeError, match="answered 500"):
+    with pytest.raises(WakeError) as raised:
         run_recipe(WakeRecipe(type="http", url=WAKE_URL, method="GET"), max_seconds=60)
+
+    assert str(raised.value) == "wake request failed with status 500"
+    assert raised.value.detail == f"wake request to {WAKE_URL} answered 500"
+
+
+def test_a_wake_error_never_carries_the_recipe_url(mocked):
+    """Its text reaches clients; the URL may hold a token."""
+    url = "http://wake.test/wake?token=s3cret"
+    mocked.post(url, body=requests.ConnectionError(f"cannot connect to {url}"))
+
+    with pytest.raises(WakeError) as raised:
+        run_recipe(WakeRecipe(type="http", url=url), max_seconds=60)
+
+    assert str(raised.value) == "wake request failed"
+    assert "s3cret" in raised.value.detail   # the local log keeps it
 
 
 def test_http_recipe_fails_on_a_timeout(mocked):
     mocked.post(WAKE_URL, body=requests.ReadTimeout("slow"))
 
-    with pytest.raises(WakeError, match="timed out after 2 s"):
+    with pytest.raises(WakeError) as raised:
         run_recipe(WakeRecipe(type="http", url=WAKE_URL, timeout_seconds=2), max_seconds=60)
+
+    assert str(raised.value) == "wake request timed out"
+    assert "timed out after 2 s" in raised.value.detail
 
 
 def test_http_recipe_then_waits_for_the_backend(mocked):
@@ -104,21 +122,48 @@ def test_command_recipe_runs_and_the_backend_comes_up(tmp_path):
     assert flag.exists() and ms >= 0
 
 
-def test_command_recipe_fails_on_a_non_zero_exit_with_its_last_error_line(tmp_path):
+def test_command_recipe_fails_on_a_non_zero_exit_with_its_last_error_line_kept_local(tmp_path):
     recipe = command("import sys; sys.stderr.write('starting\\nno GPU found\\n'); sys.exit(3)")
 
-    with pytest.raises(WakeError, match="exited with code 3: no GPU found"):
+    with pytest.raises(WakeError) as raised:
         Waker("v", FlagBackend(tmp_path / "never"), recipe).wake()
+
+    assert str(raised.value) == "wake command exited 3"
+    assert raised.value.detail.endswith("exited with code 3: no GPU found")
 
 
 def test_command_recipe_is_bounded_by_its_timeout(tmp_path):
     recipe = command("import time; time.sleep(30)", timeout_seconds=0.3)
     started = time.monotonic()
 
-    with pytest.raises(WakeError, match="did not finish within 0.3 s"):
+    with pytest.raises(WakeError) as raised:
         Waker("v", FlagBackend(tmp_path / "never"), recipe).wake()
 
     assert time.monotonic() - started < 5
+    assert str(raised.value) == "wake command timed out"
+    assert "did not finish within 0.3 s" in raised.value.detail
+
+
+def test_a_command_that_times_out_is_killed_with_everything_it_started(tmp_path):
+    pidfile = tmp_path / "grandchild.pid"
+    recipe = command("import subprocess, sys, time; "
+                     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']);"
+                     " open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(30)",
+                     str(pidfile), timeout_seconds=1.0)
+
+    with pytest.raises(WakeError):
+        Waker("v", FlagBackend(tmp_path / "never"), recipe).wake()
+
+    grandchild = int(pidfile.read_text())
+    wait_for(lambda: not _running(grandchild), timeout=3, what="the grandchild to be killed")
+
+
+def _running(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_command_recipe_that_does_not_exist_fails_cleanly(tmp_path):
@@ -228,7 +273,7 @@ def test_a_failed_wake_task_posts_the_error(make_config, mocked):
 
     assert posted.wait(5)
     assert sent_json(calls_to(mocked, "POST", "/tasks/w1/result")[0]) == \
-        {"error": f"wake request to {WAKE_URL} answered 500"}
+        {"error": "wake request failed with status 500"}
 
 
 def test_a_wake_task_for_an_llm_without_recipe_posts_an_error(make_config, mocked):
@@ -272,4 +317,5 @@ def test_an_infer_whose_wake_fails_posts_the_wake_error(make_config, mocked):
 
     assert posted.wait(5)
     wait_for(lambda: calls_to(mocked, "POST", "/tasks/t1/result"))
-    assert "answered 503" in sent_json(calls_to(mocked, "POST", "/tasks/t1/result")[0])["error"]
+    assert sent_json(calls_to(mocked, "POST", "/tasks/t1/result")[0]) == \
+        {"error": "wake request failed with status 503"}
