@@ -1,7 +1,9 @@
 """Threads and chat with agents. A client sees its own threads; an admin, all.
 
 The chat view owns three short transactions (see services/chat.py): store the
-turn and commit, run the inference holding no connection, store the outcome.
+turn and commit, run the inference holding no connection, store the outcome
+(in a transaction from `_transaction_factory`, retried while the database is
+busy).
 """
 from contextlib import contextmanager
 
@@ -63,12 +65,12 @@ def chat_with_agent(name):
         events = chat.stream_turn(relay, turn, transaction, utcnow)
         return Response(events, content_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    answer = chat.complete_turn(db.session, relay, turn, transaction, utcnow,
-                                client_connected=peer_connected(request.environ))
-    db.session.commit()
+    answer, saved = chat.complete_turn(relay, turn, transaction, utcnow,
+                                       client_connected=peer_connected(request.environ))
+    # An answer the database would not take is still the caller's: it is paid for.
     return {"thread_id": turn.thread_id, "message_id": turn.message_id,
             "assistant": answer.content, "tool_calls": answer.tool_calls,
-            "usage": answer.usage}
+            "usage": answer.usage, "saved": saved}
 
 
 def _transaction_factory(app):

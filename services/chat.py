@@ -10,10 +10,14 @@ A turn has three steps, and the view owns the transaction around each:
    `Answer` (`read_completion` / `read_stream`);
 3. `finish_turn` stores the answer `complete`, or `fail_turn` stores the
    message `error` with what arrived. Nothing is ever half-written `complete`.
-   An outcome that cannot ride on the view's commit (a failure about to be
-   raised, a stream settling after the request is gone) is stored through the
-   view's `transaction`: a factory of context managers, each yielding a
-   session and committing it when its block ends cleanly.
+   The outcome is stored through the view's `transaction`, a factory of
+   context managers, each yielding a session and committing it when its
+   block ends cleanly, and is retried a few times while the database is
+   busy (another process, a cron `gc-sweep`, holding SQLite's write lock):
+   the answer is paid for, so a short wait beats losing it. An answer that
+   still cannot be stored is reported as such (`saved` false; an `error`
+   event instead of `final`), and its message stays `pending` until the
+   sweep settles it.
 
 The context of a turn is the agent's system text (system prompt + the
 personality's prompts), the thread's complete messages in order, and the
@@ -23,6 +27,8 @@ demand that user and assistant alternate); its params are the agent's
 `default_params` overlaid by the call's `params` (a `null` removes a default).
 """
 import logging
+import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -47,6 +53,12 @@ TITLE_LENGTH = 80
 PASSED_THROUGH = {400: "invalid_request_error", 413: "invalid_request_error",
                   422: "invalid_request_error", 429: "rate_limit_error"}
 CLIENT_GONE = "The client went away before the answer finished"
+NOT_SAVED = "The answer could not be saved to the thread; it is not part of its history"
+# Storing an outcome while the database is busy: this many attempts, each
+# waiting up to SQLITE_BUSY_TIMEOUT for the lock, with a cooperative sleep
+# between them of SETTLE_BACKOFF seconds, doubling, with jitter.
+SETTLE_ATTEMPTS = 4
+SETTLE_BACKOFF = 0.25
 
 # A new transaction each call: a session, committed when the block ends cleanly.
 Transaction = Callable[[], AbstractContextManager[Session]]
@@ -212,28 +224,30 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
     return Turn(thread_id=thread.id, message_id=new[-1].id, target=target, body=body)
 
 
-def finish_turn(session, turn: Turn, answer: Answer, now) -> None:
-    """Store the answer on the pending assistant message, `complete`."""
-    _settle(session, turn, now, status=MessageStatus.COMPLETE, content=answer.content,
-            tool_calls=answer.tool_calls)
+def finish_turn(session, turn: Turn, answer: Answer, now) -> bool:
+    """Store the answer on the pending assistant message, `complete`. Returns
+    False when the message was no longer pending (the sweep settled it)."""
+    return _settle(session, turn, now, status=MessageStatus.COMPLETE, content=answer.content,
+                   tool_calls=answer.tool_calls)
 
 
-def fail_turn(session, turn: Turn, error: str, now, partial: str = "") -> None:
-    """Mark the pending assistant message `error`, with what had arrived."""
-    _settle(session, turn, now, status=MessageStatus.ERROR, content=partial, error=error)
+def fail_turn(session, turn: Turn, error: str, now, partial: str = "") -> bool:
+    """Mark the pending assistant message `error`, with what had arrived.
+    Returns False when the message was no longer pending."""
+    return _settle(session, turn, now, status=MessageStatus.ERROR, content=partial, error=error)
 
 
-def complete_turn(session, relay, turn: Turn, transaction: Transaction, clock: Clock,
-                  client_connected=None) -> Answer:
+def complete_turn(relay, turn: Turn, transaction: Transaction, clock: Clock,
+                  client_connected=None) -> tuple[Answer, bool]:
     """Run a non-streamed turn on the relay and store its answer `complete` in
-    `session` (the caller commits). A failure is stored `error` in a
-    `transaction` of its own, then raised: InferenceFailed (400/413/422/429 as
-    the upstream said, else 502), or the relay's errors (Unavailable,
-    Timeout, BadGateway, ClientGone when `client_connected()` says the client
-    left while a publisher worked ...)."""
+    a `transaction` of its own. Returns the answer and whether it was saved:
+    an answer the database would not take (busy past every retry) is still
+    the caller's. A failure is stored `error`, then raised: InferenceFailed
+    (400/413/422/429 as the upstream said, else 502), or the relay's errors
+    (Unavailable, Timeout, BadGateway, ClientGone when `client_connected()`
+    says the client left while a publisher worked ...)."""
     _reply, answer = _run(relay, turn, transaction, clock, client_connected)
-    finish_turn(session, turn, answer, clock())
-    return answer
+    return answer, _store(transaction, finish_turn, turn, answer, clock=clock)
 
 
 def stream_turn(relay, turn: Turn, transaction: Transaction, clock: Clock) -> Iterator[bytes]:
@@ -241,8 +255,10 @@ def stream_turn(relay, turn: Turn, transaction: Transaction, clock: Clock) -> It
     events: `text` deltas, then `final` (or `error`, with the envelope). The
     outcome is stored in a `transaction` of its own when the stream settles:
     `complete`, or `error` with what had arrived (also when the consumer
-    closes the events early). A failure before the stream starts is stored
-    and raised as `complete_turn` does."""
+    closes the events early). An answer that could not be stored ends with
+    an `error` event (code `answer_not_saved`) carrying its `tool_calls` and
+    `usage`, not `final`. A failure before the stream starts is stored and
+    raised as `complete_turn` does."""
     reply, answer = _run(relay, turn, transaction, clock)
     return _events(turn, reply, answer, transaction, clock)
 
@@ -361,24 +377,45 @@ def _events(turn, reply, answer, transaction, clock):
     finally:
         if reply.stream is not None:
             reply.stream.close()  # releases the bus task, or the upstream connection
-    _store(transaction, finish_turn, turn, answer, clock=clock)
-    yield _event({"type": "final", "thread_id": turn.thread_id,
-                  "message_id": turn.message_id, "tool_calls": answer.tool_calls,
-                  "usage": answer.usage})
+    outcome = {"thread_id": turn.thread_id, "message_id": turn.message_id,
+               "tool_calls": answer.tool_calls, "usage": answer.usage}
+    if _store(transaction, finish_turn, turn, answer, clock=clock):
+        yield _event({"type": "final", **outcome})
+    else:  # the text went out already; say it is not in the thread
+        yield _event({"type": "error", **envelope(NOT_SAVED, Unavailable.type,
+                                                  "answer_not_saved"), **outcome})
 
 
 def _event(payload) -> bytes:
     return sse_event(dumps(payload))
 
 
-def _store(transaction, settle, turn, *args, clock, **kwargs):
-    """Settle the turn in a transaction of its own. A failure here is logged:
-    the message then stays `pending`, never wrong."""
-    try:
-        with transaction() as session:
-            settle(session, turn, *args, now=clock(), **kwargs)
-    except Exception:
-        log.exception("could not store the outcome of thread %s", turn.thread_id)
+def _store(transaction, settle, turn, *args, clock, **kwargs) -> bool:
+    """Settle the turn in a transaction of its own, retried while the
+    database is busy; returns whether the message moved. A failure is
+    logged: the message then stays `pending` (the sweep's to settle), never
+    wrong."""
+    for attempt in range(1, SETTLE_ATTEMPTS + 1):
+        try:
+            with transaction() as session:
+                return settle(session, turn, *args, now=clock(), **kwargs)
+        except sa.exc.OperationalError as exc:
+            if not _database_busy(exc) or attempt == SETTLE_ATTEMPTS:
+                log.exception("could not store the outcome of thread %s", turn.thread_id)
+                return False
+            log.warning("database busy storing the outcome of thread %s (attempt %d of %d)",
+                        turn.thread_id, attempt, SETTLE_ATTEMPTS)
+        except Exception:
+            log.exception("could not store the outcome of thread %s", turn.thread_id)
+            return False
+        # Cooperative under gevent (monkey-patched): the worker serves others meanwhile.
+        time.sleep(SETTLE_BACKOFF * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
+    return False
+
+
+def _database_busy(exc: sa.exc.OperationalError) -> bool:
+    """Another connection held SQLite's write lock past the busy timeout."""
+    return "database is locked" in str(exc.orig)
 
 
 def _new_thread(session, agent: Agent, caller, title: str, now) -> ChatThread:
@@ -475,7 +512,9 @@ def _settle(session, turn, now, **values):
                     .values(last_turn_at=now).execution_options(synchronize_session=False))
     if not changed:
         log.warning("assistant message %s was no longer pending", turn.message_id)
+        return False
     log.info("turn of thread %s settled %s", turn.thread_id, values["status"])
+    return True
 
 
 def _event_data(event: bytes) -> str | None:

@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 import requests
 import responses
+import sqlalchemy as sa
 
 from extensions import db
 from services import tokens as token_service
@@ -241,6 +242,105 @@ def test_a_failed_turn_in_a_thread_is_skipped_by_the_next_turn(agent, chat, upst
     # The failed turn's question stays, its error does not; roles still alternate.
     assert [(m["role"], m["content"]) for m in sent(upstream.calls[2])["messages"][1:]] == [
         ("user", "1"), ("assistant", "one"), ("user", "2\n\n3")]
+
+
+# -- storing the answer while another process holds the database -----------------
+
+BUSY = pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2}])
+
+
+class WriteLock:
+    """SQLite's write lock, held from another connection as a cron gc-sweep does."""
+
+    def __init__(self, app):
+        path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
+        self.connection = sqlite3.connect(path, isolation_level=None)
+
+    def take(self):
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def release(self):
+        if self.connection.in_transaction:
+            self.connection.execute("ROLLBACK")
+
+
+@pytest.fixture
+def write_lock(app):
+    lock = WriteLock(app)
+    yield lock
+    lock.release()
+    lock.connection.close()
+
+
+def answer_while_locked(lock, reply):
+    """An upstream callback that takes the lock, then answers `reply`."""
+    def callback(request):
+        lock.take()
+        return 200, {"Content-Type": reply[0]}, reply[1]
+    return callback
+
+
+@BUSY
+def test_an_answer_is_stored_once_the_busy_database_frees_up(app, agent, chat, upstream,
+                                                            messages, write_lock):
+    busy = []
+
+    def release_on_busy(context):  # the first attempt waited out the busy timeout
+        if "database is locked" in str(context.original_exception):
+            busy.append(context.original_exception)
+            write_lock.release()
+
+    upstream.add_callback(responses.POST, UPSTREAM, callback=answer_while_locked(
+        write_lock, ("application/json", json.dumps(completion("kept")))))
+    with app.app_context():
+        engine = db.engine
+    sa.event.listen(engine, "handle_error", release_on_busy)
+    try:
+        response = chat({"message": "hi"})
+    finally:
+        sa.event.remove(engine, "handle_error", release_on_busy)
+    assert busy
+    assert response.status_code == 200, response.json
+    assert (response.json["assistant"], response.json["saved"]) == ("kept", True)
+    assert messages(response.json["thread_id"])[-1] == ("assistant", "kept", "complete")
+
+
+@BUSY
+def test_an_answer_the_busy_database_never_takes_is_returned_marked_unsaved(
+        agent, chat, upstream, messages, write_lock):
+    upstream.add_callback(responses.POST, UPSTREAM, callback=answer_while_locked(
+        write_lock, ("application/json", json.dumps(completion("paid for")))))
+    response = chat({"message": "hi"})
+    write_lock.release()
+    assert response.status_code == 200, response.json
+    assert (response.json["assistant"], response.json["saved"]) == ("paid for", False)
+    assert messages(response.json["thread_id"])[-1] == ("assistant", "", "pending")
+
+
+@BUSY
+def test_a_streamed_answer_the_busy_database_never_takes_ends_with_an_error_not_final(
+        agent, chat, upstream, messages, write_lock):
+    upstream.add_callback(responses.POST, UPSTREAM, callback=answer_while_locked(
+        write_lock, ("text/event-stream", sse(delta("paid "), delta("for"), delta(finish="stop")))))
+    events = events_of(chat({"message": "hi", "stream": True}))
+    write_lock.release()
+    assert [e["type"] for e in events] == ["text", "text", "error"]
+    assert events[-1]["error"]["code"] == "answer_not_saved"
+    assert messages(events[-1]["thread_id"])[-1] == ("assistant", "", "pending")
+
+
+def test_an_answer_whose_message_was_settled_meanwhile_is_returned_marked_unsaved(
+        app, agent, chat, upstream, messages):
+    def settle_then_answer(request):  # as the sweep does with a long-pending message
+        path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
+        with sqlite3.connect(path) as other:
+            other.execute("UPDATE chat_message SET status = 'error' WHERE status = 'pending'")
+        return 200, {}, json.dumps(completion("too late"))
+
+    upstream.add_callback(responses.POST, UPSTREAM, callback=settle_then_answer)
+    response = chat({"message": "hi"})
+    assert (response.json["assistant"], response.json["saved"]) == ("too late", False)
+    assert messages(response.json["thread_id"])[-1] == ("assistant", "", "error")
 
 
 # -- tool calls -----------------------------------------------------------------
