@@ -25,10 +25,11 @@ class WakeRecipe:
     type: str                              # "http" | "command"
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
     timeout_seconds: float | None = None   # bound on the request / command itself
-    url: str | None = None                 # http
+    # url, headers and body may carry a wake controller's token: not in the repr.
+    url: str | None = field(default=None, repr=False)                 # http
     method: str = "POST"
-    headers: dict[str, str] = field(default_factory=dict)
-    body: str | None = None
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    body: str | None = field(default=None, repr=False)
     command: str | None = None             # command
     args: tuple[str, ...] = ()
 

@@ -80,6 +80,17 @@ def test_an_api_key_is_kept_out_of_the_repr(tmp_path):
     assert "sk-local" not in repr(config) and "sb_pub" not in repr(config)
 
 
+def test_a_wake_recipe_url_headers_and_body_are_kept_out_of_the_repr(tmp_path):
+    text = ("server: http://h\ntoken: t\nllms:\n  - name: a\n    type: echo\n    wake:\n"
+            "      type: http\n      url: http://wake.local/up?token=url-secret\n"
+            "      headers: {Authorization: Bearer header-secret}\n"
+            "      body: {key: body-secret}\n")
+    config = load_config(write(tmp_path, text), environ={})
+
+    assert config.llms[0].wake.headers == {"Authorization": "Bearer header-secret"}
+    assert "secret" not in repr(config)
+
+
 @pytest.mark.parametrize("text, message", [
     ("llms: []\n", "server: required"),
     ("server: http://h\ntoken: t\nllms: []\n", "llms: publish at least one LLM"),
