@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,14 @@ def load_session_id(path: Path, server: str) -> str | None:
 def save_session_id(path: Path, server: str, session_id: str):
     """Write the id atomically, readable by its owner only (0600)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # mkstemp: a fresh, unpredictable name opened O_EXCL, mode 0600; nothing
+    # planted in the directory (a symlink) can redirect the write.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"server": server, "session_id": session_id}, f)
             f.write("\n")
-        os.chmod(tmp, 0o600)  # O_CREAT's mode only applies to a new file
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise

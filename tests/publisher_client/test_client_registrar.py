@@ -74,6 +74,23 @@ def test_sticky_session_id_is_persisted_and_sent_on_the_next_start(make_config, 
     assert sent_json(mocked.calls[1])["session_id"] == "sess-42"
 
 
+def test_saving_the_session_id_never_writes_through_a_planted_symlink(make_config, mocked):
+    """The temp file's name is not predictable and it is created O_EXCL."""
+    config = make_config()
+    config.session_file.parent.mkdir(parents=True)
+    victim = config.session_file.parent / "victim"
+    victim.write_text("precious")
+    for pid in range(os.getpid() - 5, os.getpid() + 5):   # the old name: .<file>.<pid>.tmp
+        (config.session_file.parent / f".session.json.{pid}.tmp").symlink_to(victim)
+    mocked.post(f"{API}/publishers/register", json=register_reply("sess-42"), status=201)
+
+    Publisher(config).register()
+
+    assert victim.read_text() == "precious"
+    assert not config.session_file.is_symlink()
+    assert json.loads(config.session_file.read_text())["session_id"] == "sess-42"
+
+
 def test_a_corrupt_session_file_is_replaced_not_a_crash(make_config, mocked):
     config = make_config()
     config.session_file.parent.mkdir(parents=True)
