@@ -53,6 +53,7 @@ TITLE_LENGTH = 80
 PASSED_THROUGH = {400: "invalid_request_error", 413: "invalid_request_error",
                   422: "invalid_request_error", 429: "rate_limit_error"}
 CLIENT_GONE = "The client went away before the answer finished"
+INTERRUPTED = "The turn was interrupted before the answer finished"
 NOT_SAVED = "The answer could not be saved to the thread; it is not part of its history"
 # Storing an outcome while the database is busy: this many attempts, each
 # waiting up to SQLITE_BUSY_TIMEOUT for the lock, with a cooperative sleep
@@ -346,6 +347,9 @@ def _run(relay, turn, transaction, clock, client_connected=None):
     except Exception:
         _store(transaction, fail_turn, turn, "Internal error", clock=clock)
         raise
+    except BaseException:  # GreenletExit, gevent.Timeout: settle, then let it stop us
+        _store(transaction, fail_turn, turn, INTERRUPTED, clock=clock)
+        raise
     return reply, answer
 
 
@@ -374,6 +378,9 @@ def _events(turn, reply, answer, transaction, clock):
                                                   "internal_error"),
                       "thread_id": turn.thread_id, "message_id": turn.message_id})
         return
+    except BaseException:  # GreenletExit, gevent.Timeout: settle, then let it stop us
+        _store(transaction, fail_turn, turn, INTERRUPTED, partial=answer.content, clock=clock)
+        raise
     finally:
         if reply.stream is not None:
             reply.stream.close()  # releases the bus task, or the upstream connection

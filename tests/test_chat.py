@@ -1,6 +1,7 @@
 """Chat with a public agent: context, params, history, failures, streams,
 tool calls, thread privacy, and agents through /v1. The upstream is faked
 with `responses`; the database is a real SQLite file."""
+import io
 import json
 import sqlite3
 
@@ -8,6 +9,7 @@ import pytest
 import requests
 import responses
 import sqlalchemy as sa
+from gevent import GreenletExit
 
 from extensions import db
 from services import tokens as token_service
@@ -341,6 +343,48 @@ def test_an_answer_whose_message_was_settled_meanwhile_is_returned_marked_unsave
     response = chat({"message": "hi"})
     assert (response.json["assistant"], response.json["saved"]) == ("too late", False)
     assert messages(response.json["thread_id"])[-1] == ("assistant", "", "error")
+
+
+# -- a greenlet stopped mid-turn (GreenletExit, gevent.Timeout) ------------------
+
+class StoppedAfter(io.RawIOBase):
+    """An upstream body that delivers `data`, then has its greenlet killed."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.data:
+            raise GreenletExit
+        size = min(len(buffer), len(self.data))
+        buffer[:size], self.data = self.data[:size], self.data[size:]
+        return size
+
+
+def test_a_greenlet_stopped_while_the_upstream_works_stores_error_and_stops(
+        agent, client, auth, chat, upstream, messages):
+    def killed(request):
+        raise GreenletExit
+
+    upstream.add_callback(responses.POST, UPSTREAM, callback=killed)
+    with pytest.raises(GreenletExit):
+        chat({"message": "hi"})
+    thread_id = client.get(f"{API}/agents/reviewer/threads", headers=auth("client")).json[0]["id"]
+    assert messages(thread_id)[-1] == ("assistant", "", "error")
+
+
+def test_a_greenlet_stopped_mid_stream_stores_error_with_what_arrived_and_stops(
+        agent, client, auth, chat, upstream, messages):
+    upstream.post(UPSTREAM, content_type="text/event-stream",
+                  body=io.BufferedReader(StoppedAfter(sse(delta("par"), done=False))))
+    response = chat({"message": "hi", "stream": True}, buffered=False)
+    with pytest.raises(GreenletExit):
+        response.get_data()
+    thread_id = client.get(f"{API}/agents/reviewer/threads", headers=auth("client")).json[0]["id"]
+    assert messages(thread_id)[-1] == ("assistant", "par", "error")
 
 
 # -- tool calls -----------------------------------------------------------------
