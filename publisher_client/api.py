@@ -1,8 +1,9 @@
 """The Switchboard side of the publisher protocol, one method per endpoint.
 
 Errors come back as exceptions: ServerUnavailable (unreachable, timed out,
-5xx: retry later), SessionNotFound (register again), TaskGone (stop work on
-the task), ServerError (anything else; not worth retrying).
+5xx, 429: retry later), SessionNotFound (a 404 whose code is
+session_not_found: register again), TaskGone (stop work on the task),
+ServerError (anything else; not worth retrying).
 """
 
 import requests
@@ -15,6 +16,7 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 30.0
 # The server holds a poll up to `wait` seconds; give it room to answer.
 POLL_READ_MARGIN = 10.0
+SESSION_NOT_FOUND = "session_not_found"   # the error code of a 404 for a forgotten session
 
 
 class SwitchboardAPI:
@@ -44,7 +46,8 @@ class SwitchboardAPI:
         return self._call("POST", "/publishers/register", json=payload, expect=201)
 
     def heartbeat(self, session_id: str):
-        """Raises SessionNotFound when the server has forgotten the session."""
+        """Raises SessionNotFound when the server has forgotten the session
+        (any other 404 is ServerUnavailable)."""
         self._call("POST", f"/publishers/{session_id}/heartbeat", json={},
                    not_found=SessionNotFound)
 
@@ -94,6 +97,10 @@ class SwitchboardAPI:
         if status >= 500 or status == 429:  # 429: the server asks us to slow down, not stop
             raise ServerUnavailable(text, status, code)
         if status == 404:
+            if not_found is SessionNotFound and code != SESSION_NOT_FOUND:
+                # Not the server's word on our session: a proxy's page, a
+                # route missing mid-deploy. Registering again would not help.
+                raise ServerUnavailable(text, status, code)
             raise not_found(text, status, code)
         if status == 410:
             raise TaskGone(text, status, code)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 RESULT_ATTEMPTS = 6
 WAKE_HEARTBEAT_SECONDS = 5.0   # while a slow backend boots, keep the rows fresh
+REGISTER_AGAIN_SECONDS = 5.0   # forgotten again this soon after a register: back off first
 
 
 class LocalLlm:
@@ -65,11 +66,14 @@ class Publisher:
         self.api = api or SwitchboardAPI(config.server, config.token)
         self.stopping = threading.Event()
         self.backoff = backoff or Backoff(sleep=self.stopping.wait)
+        # Its own: a successful register resets self.backoff.
+        self.register_backoff = Backoff(base=1.0, cap=60.0, sleep=self.backoff.sleep)
         self.llms = {llm.name: LocalLlm(llm, self._heartbeat_while_waking)
                      for llm in config.llms}
         self.session_id: str | None = None
         self.generation = 0          # bumped by every successful register
         self.registered = False
+        self._registered_at = float("-inf")
         self._register_lock = threading.Lock()
         self._calls: dict[str, Call] = {}
         self._calls_lock = threading.Lock()
@@ -113,6 +117,7 @@ class Publisher:
         self.session_id = reply["session_id"]
         self.generation += 1
         self.registered = True
+        self._registered_at = time.monotonic()
         try:
             save_session_id(self.config.session_file, self.config.server, self.session_id)
         except OSError as exc:
@@ -198,7 +203,19 @@ class Publisher:
         with self._register_lock:
             if self.generation != generation or self.stopping.is_set():
                 return
-            log.warning("server does not know session %s; registering again", self.session_id)
+            if time.monotonic() - self._registered_at < REGISTER_AGAIN_SECONDS:
+                # Forgotten right after registering: something is off server-side;
+                # do not hammer it with registers.
+                delay = self.register_backoff.next_delay()
+                log.warning("server forgot session %s again within %g s; registering again "
+                            "in %.1f s", self.session_id, REGISTER_AGAIN_SECONDS, delay)
+                self.register_backoff.sleep(delay)
+                if self.stopping.is_set():
+                    return
+            else:
+                self.register_backoff.reset()
+                log.warning("server does not know session %s; registering again",
+                            self.session_id)
             self.connect()
 
     def _wait_for_server(self, exc: Exception):

@@ -12,6 +12,10 @@ from publisher_client.errors import ServerError
 from tests.publisher_client.helpers import API, calls_to, register_reply, sent_json
 
 
+SESSION_GONE = {"error": {"message": "Session 'sess-1' not found; register again",
+                         "type": "not_found_error", "code": "session_not_found"}}
+
+
 class RecordedSleep:
     def __init__(self):
         self.delays = []
@@ -75,7 +79,7 @@ def test_poll_404_registers_again_with_the_same_session_id(make_config, mocked):
     mocked.post(f"{API}/publishers/register", json=register_reply("sess-1"), status=201)
     publisher = Publisher(make_config(heartbeat_seconds=60),
                           backoff=Backoff(sleep=RecordedSleep()))
-    gone = {"error": {"message": "no such session", "code": "not_found"}}
+    gone = SESSION_GONE
     mocked.add_callback(responses.GET, f"{API}/publishers/sess-1/tasks",
                         callback=stop_after_polls(publisher, [(404, gone)]))
     mocked.delete(f"{API}/publishers/sess-1", status=204)
@@ -89,15 +93,58 @@ def test_poll_404_registers_again_with_the_same_session_id(make_config, mocked):
 
 def test_heartbeat_404_registers_again(make_config, mocked):
     mocked.post(f"{API}/publishers/register", json=register_reply("sess-1"), status=201)
-    mocked.post(f"{API}/publishers/sess-1/heartbeat", status=404,
-                json={"error": {"message": "no such session"}})
-    publisher = Publisher(make_config())
+    mocked.post(f"{API}/publishers/sess-1/heartbeat", status=404, json=SESSION_GONE)
+    publisher = Publisher(make_config(), backoff=Backoff(sleep=RecordedSleep()))
     publisher.register()
 
     publisher.heartbeat()
 
     assert [sent_json(c)["session_id"]
             for c in calls_to(mocked, "POST", "/publishers/register")] == [None, "sess-1"]
+
+
+def test_a_poll_404_that_is_not_session_not_found_is_retried_not_registered_again(
+        make_config, mocked):
+    """A proxy's HTML 404 says nothing about our session."""
+    sleep = RecordedSleep()
+    mocked.post(f"{API}/publishers/register", json=register_reply("sess-1"), status=201)
+    publisher = Publisher(make_config(heartbeat_seconds=60), backoff=Backoff(sleep=sleep))
+    mocked.add_callback(responses.GET, f"{API}/publishers/sess-1/tasks",
+                        callback=stop_after_polls(publisher, [(404, "<html>Not Found</html>")]))
+    mocked.delete(f"{API}/publishers/sess-1", status=204)
+
+    publisher.run()
+
+    assert len(calls_to(mocked, "POST", "/publishers/register")) == 1
+    assert len(sleep.delays) == 1
+
+
+def test_a_heartbeat_404_that_is_not_session_not_found_does_not_register_again(make_config,
+                                                                               mocked):
+    mocked.post(f"{API}/publishers/register", json=register_reply("sess-1"), status=201)
+    mocked.post(f"{API}/publishers/sess-1/heartbeat", status=404, body="<html>Not Found</html>")
+    publisher = Publisher(make_config())
+    publisher.register()
+
+    publisher.heartbeat()
+
+    assert len(calls_to(mocked, "POST", "/publishers/register")) == 1
+
+
+def test_a_session_forgotten_again_right_after_registering_backs_off(make_config, mocked):
+    sleep = RecordedSleep()
+    mocked.post(f"{API}/publishers/register", json=register_reply("sess-1"), status=201)
+    publisher = Publisher(make_config(heartbeat_seconds=60), backoff=Backoff(sleep=sleep))
+    mocked.add_callback(responses.GET, f"{API}/publishers/sess-1/tasks",
+                        callback=stop_after_polls(publisher, [(404, SESSION_GONE)] * 3))
+    mocked.delete(f"{API}/publishers/sess-1", status=204)
+
+    publisher.run()
+
+    assert len(calls_to(mocked, "POST", "/publishers/register")) == 4
+    assert len(sleep.delays) == 3
+    for attempt, delay in enumerate(sleep.delays):   # 1 s, 2 s, 4 s, each with jitter
+        assert 2 ** attempt / 2 <= delay <= 2 ** attempt
 
 
 def test_unreachable_server_is_retried_with_growing_delays_then_reconnects(
