@@ -56,10 +56,11 @@ CLIENT_GONE = "The client went away before the answer finished"
 INTERRUPTED = "The turn was interrupted before the answer finished"
 NOT_SAVED = "The answer could not be saved to the thread; it is not part of its history"
 # Storing an outcome while the database is busy: this many attempts, each
-# waiting up to SQLITE_BUSY_TIMEOUT for the lock, with a cooperative sleep
-# between them of SETTLE_BACKOFF seconds, doubling, with jitter.
-SETTLE_ATTEMPTS = 4
-SETTLE_BACKOFF = 0.25
+# waiting up to SQLITE_BUSY_TIMEOUT for the lock (a wait that stalls the
+# gevent worker, hence few), with a cooperative sleep between them of
+# SETTLE_BACKOFF seconds, doubling, with jitter.
+SETTLE_ATTEMPTS = 3
+SETTLE_BACKOFF = 0.5
 
 # A new transaction each call: a session, committed when the block ends cleanly.
 Transaction = Callable[[], AbstractContextManager[Session]]
