@@ -355,6 +355,11 @@ class Publisher:
                 if exc.status == 409 and attempt > 1:   # our earlier attempt got through
                     return
                 log.warning("task %s: result refused: %s", task_id, exc)
+                if exc.status in (400, 413) and "error" not in outcome:
+                    # Too big or malformed for the server: without a word from us
+                    # the client would wait for the INFER_TIMEOUT's 504.
+                    self._post_result(task_id,
+                                      {"error": f"answer refused by server ({exc.status})"})
                 return
 
 

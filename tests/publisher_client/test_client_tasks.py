@@ -169,6 +169,21 @@ def test_a_result_post_is_retried_when_the_server_hiccups(publisher, mocked):
     assert len(calls_to(mocked, "POST", "/tasks/t1/result")) == 2
 
 
+@pytest.mark.parametrize("status", [400, 413])
+def test_an_answer_the_server_refuses_is_replaced_by_an_error_once(publisher, mocked, status):
+    mocked.post(f"{BACKEND}/chat/completions", json=COMPLETION)
+    mocked.post(f"{API}/tasks/t1/result", status=status,
+                json={"error": {"message": "body too large", "code": "too_large"}})
+    posted = expect_result(mocked)
+
+    publisher().dispatch(infer())
+
+    assert posted.wait(5)
+    results = calls_to(mocked, "POST", "/tasks/t1/result")
+    assert len(results) == 2
+    assert sent_json(results[1]) == {"error": f"answer refused by server ({status})"}
+
+
 # -- streamed answers ------------------------------------------------------------
 
 def test_a_stream_is_relayed_as_chunk_batches_ending_with_done(publisher, mocked, caplog):
