@@ -172,11 +172,34 @@ class Publisher:
                 continue
             self._recovered()
             for task in tasks:
-                self.dispatch(task)
+                self._start(task)
+
+    def _start(self, task):
+        """dispatch() one task of a batch. One that cannot start gets an error
+        and costs neither the rest of the batch nor the poll loop."""
+        try:
+            self.dispatch(task)
+        except Exception:
+            task_id = task.get("task_id") if isinstance(task, dict) else None
+            log.exception("task %s could not start", task_id)
+            if isinstance(task_id, str) and task_id:
+                self._post_result(task_id, {"error": "the publisher could not start this task"})
 
     def _heartbeat_loop(self):
-        while not self.stopping.wait(self.config.heartbeat_seconds):
-            self.heartbeat()
+        # An unexpected error must not end the heartbeats (the rows would go
+        # inactive while we still serve): log it, try again soon, backing off.
+        interval = self.config.heartbeat_seconds
+        backoff = Backoff(base=min(1.0, interval), cap=interval)
+        delay = interval
+        while not self.stopping.wait(delay):
+            try:
+                self.heartbeat()
+            except Exception:
+                delay = backoff.next_delay()
+                log.exception("heartbeat failed; trying again in %.1f s", delay)
+            else:
+                backoff.reset()
+                delay = interval
 
     def heartbeat(self):
         generation, session_id = self.generation, self.session_id

@@ -1,6 +1,7 @@
 """Backoff with jitter, and the poll loop's reactions: re-register when the
 server forgets the session, back off while it is unreachable."""
 import json
+import threading
 
 import pytest
 import requests
@@ -9,7 +10,7 @@ import responses
 from publisher_client import Publisher
 from publisher_client.backoff import Backoff
 from publisher_client.errors import ServerError
-from tests.publisher_client.helpers import API, calls_to, register_reply, sent_json
+from tests.publisher_client.helpers import API, calls_to, register_reply, sent_json, wait_for
 
 
 SESSION_GONE = {"error": {"message": "Session 'sess-1' not found; register again",
@@ -201,3 +202,24 @@ def test_a_proxy_page_instead_of_json_is_retried_not_a_crash(make_config, mocked
     publisher.run()
 
     assert len(sleep.delays) == 1
+
+
+def test_the_heartbeat_thread_survives_an_unexpected_error(make_config, caplog):
+    publisher = Publisher(make_config(heartbeat_seconds=0.05))
+    publisher.session_id = "sess-1"
+    beats = []
+
+    def heartbeat(session_id):
+        beats.append(session_id)
+        if len(beats) == 1:
+            raise RuntimeError("surprise")
+    publisher.api.heartbeat = heartbeat
+    thread = threading.Thread(target=publisher._heartbeat_loop, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(beats) >= 3, what="heartbeats after the error")
+        assert thread.is_alive()
+        assert "heartbeat failed" in caplog.text and "surprise" in caplog.text
+    finally:
+        publisher.stop()
+        thread.join(5)

@@ -184,6 +184,27 @@ def test_an_answer_the_server_refuses_is_replaced_by_an_error_once(publisher, mo
     assert sent_json(results[1]) == {"error": f"answer refused by server ({status})"}
 
 
+def test_a_task_that_cannot_start_gets_an_error_and_the_rest_of_the_batch_runs(publisher,
+                                                                                 mocked):
+    p = publisher(type="echo")
+    batches = iter([[{"kind": "infer", "task_id": "bad", "llm": ["not", "a", "name"]},
+                     infer("good")]])
+
+    def poll(request):
+        tasks = next(batches, None)
+        if tasks is None:
+            p.stop()
+        return 200, {}, json.dumps({"tasks": tasks or []})
+    mocked.add_callback(responses.GET, f"{API}/publishers/sess-1/tasks", callback=poll)
+    bad, good = expect_result(mocked, "bad"), expect_result(mocked, "good")
+
+    p._poll_loop()
+
+    assert bad.wait(5) and good.wait(5)
+    assert result_of(mocked, "bad") == {"error": "the publisher could not start this task"}
+    assert result_of(mocked, "good")["status"] == 200
+
+
 # -- streamed answers ------------------------------------------------------------
 
 def test_a_stream_is_relayed_as_chunk_batches_ending_with_done(publisher, mocked, caplog):
