@@ -41,10 +41,19 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # urllib3 logs every new connection at DEBUG; keep --log-level DEBUG readable.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
-    # SIGTERM behaves like Ctrl-C: it interrupts the held poll at once, and
-    # run()'s cleanup disconnects the session.
-    signal.signal(signal.SIGTERM, _interrupt)
     publisher = Publisher(config)
+
+    def interrupt(signum, _frame):
+        # SIGTERM behaves like Ctrl-C: it interrupts the held poll at once, and
+        # run()'s cleanup disconnects the session. Once is enough: a second
+        # signal must not cut the session's DELETE short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not publisher.stopping.is_set():   # set when the shutdown has begun
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     log.info("publishing %s to %s", ", ".join(llm.name for llm in config.llms), config.server)
     try:
         publisher.run()
@@ -54,12 +63,6 @@ def main(argv=None) -> int:
         log.error("%s", exc)
         return EXIT_FAILED
     return EXIT_OK
-
-
-def _interrupt(signum, _frame):
-    # Once is enough: a second SIGTERM must not cut the session's DELETE short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

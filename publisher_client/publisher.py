@@ -7,6 +7,7 @@ line). They are daemon threads, so a backend that never answers cannot hold
 up the exit. A cancel task (or a 410 from the server) aborts the matching
 backend request at once.
 """
+import contextlib
 import functools
 import logging
 import threading
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 RESULT_ATTEMPTS = 6
 WAKE_HEARTBEAT_SECONDS = 5.0   # while a slow backend boots, keep the rows fresh
 REGISTER_AGAIN_SECONDS = 5.0   # forgotten again this soon after a register: back off first
+SHUTDOWN_WAIT_SECONDS = 15.0   # for a heartbeat or register in flight, before the DELETE
 
 
 class LocalLlm:
@@ -75,6 +77,7 @@ class Publisher:
         self.registered = False
         self._registered_at = float("-inf")
         self._register_lock = threading.Lock()
+        self._heartbeat_lock = threading.Lock()
         self._calls: dict[str, Call] = {}
         self._calls_lock = threading.Lock()
         self._last_heartbeat = 0.0
@@ -149,13 +152,16 @@ class Publisher:
             calls = list(self._calls.values())
         for call in calls:
             call.abort()
-        if self.registered and self.session_id:
-            try:
-                self.api.disconnect(self.session_id)
-                log.info("disconnected session %s", self.session_id)
-            except PublisherError as exc:
-                log.warning("could not disconnect session %s: %s", self.session_id, exc)
-            self.registered = False
+        # A heartbeat or register in flight would revive the rows right after
+        # the DELETE: let it land first. Once stopping, none starts.
+        with _holding(self._heartbeat_lock), _holding(self._register_lock):
+            if self.registered and self.session_id:
+                try:
+                    self.api.disconnect(self.session_id)
+                    log.info("disconnected session %s", self.session_id)
+                except PublisherError as exc:
+                    log.warning("could not disconnect session %s: %s", self.session_id, exc)
+                self.registered = False
 
     # -- the poll loop and the heartbeat --------------------------------------
 
@@ -202,19 +208,24 @@ class Publisher:
                 delay = interval
 
     def heartbeat(self):
-        generation, session_id = self.generation, self.session_id
-        try:
-            self.api.heartbeat(session_id)
-            self._last_heartbeat = time.monotonic()
-        except SessionNotFound:
+        """Keep the rows fresh (from the timer, and while a backend wakes). Does
+        nothing once stopping: after shutdown's DELETE it would revive them."""
+        with self._heartbeat_lock:
+            if self.stopping.is_set():
+                return
+            generation, session_id = self.generation, self.session_id
             try:
-                self._register_again(generation)
-            except PublisherError as exc:   # the poll loop meets it too, and ends run()
-                log.warning("registering again failed: %s", exc)
-        except ServerUnavailable as exc:
-            log.debug("heartbeat failed: %s", exc)   # the poll loop reports outages
-        except ServerError as exc:
-            log.warning("heartbeat refused: %s", exc)
+                self.api.heartbeat(session_id)
+                self._last_heartbeat = time.monotonic()
+            except SessionNotFound:
+                try:
+                    self._register_again(generation)
+                except PublisherError as exc:   # the poll loop meets it too, and ends run()
+                    log.warning("registering again failed: %s", exc)
+            except ServerUnavailable as exc:
+                log.debug("heartbeat failed: %s", exc)   # the poll loop reports outages
+            except ServerError as exc:
+                log.warning("heartbeat refused: %s", exc)
 
     def _heartbeat_while_waking(self):
         if time.monotonic() - self._last_heartbeat >= WAKE_HEARTBEAT_SECONDS:
@@ -384,6 +395,17 @@ class Publisher:
                     self._post_result(task_id,
                                       {"error": f"answer refused by server ({exc.status})"})
                 return
+
+
+@contextlib.contextmanager
+def _holding(lock, timeout=SHUTDOWN_WAIT_SECONDS):
+    """Hold `lock` if it comes within `timeout`; go on without it otherwise."""
+    acquired = lock.acquire(timeout=timeout)
+    try:
+        yield
+    finally:
+        if acquired:
+            lock.release()
 
 
 def _spawn(target, *args, name: str) -> threading.Thread:

@@ -174,6 +174,63 @@ class LateHeadersBackend:
         self.server.server_close()
 
 
+class FakeSwitchboard:
+    """Just enough of the server's publisher protocol on a loopback port for
+    the real publisher process: register, heartbeat, empty polls, and a
+    DELETE that takes `delete_seconds` (`delete_started` is set when it comes)."""
+
+    def __init__(self, delete_seconds=0.0):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.delete_started = threading.Event()
+        self.tokens = {"publisher": "tok-fake"}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path.endswith("/register"):
+                    self.reply(201, register_reply("sess-1", "echo"))
+                else:
+                    self.reply(200, {"ok": True})
+
+            def do_GET(self):
+                time.sleep(0.1)
+                self.reply(200, {"tasks": []})
+
+            def do_DELETE(self):
+                fake.delete_started.set()
+                time.sleep(delete_seconds)
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def reply(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        fake = self
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class PublisherProcess:
     """The real `python -m publisher_client run` against a LiveServer."""
 
