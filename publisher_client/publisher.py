@@ -210,22 +210,26 @@ class Publisher:
     def heartbeat(self):
         """Keep the rows fresh (from the timer, and while a backend wakes). Does
         nothing once stopping: after shutdown's DELETE it would revive them."""
-        with self._heartbeat_lock:
+        with self._heartbeat_lock:   # shutdown waits for the one in flight
             if self.stopping.is_set():
                 return
             generation, session_id = self.generation, self.session_id
             try:
                 self.api.heartbeat(session_id)
                 self._last_heartbeat = time.monotonic()
+                return
             except SessionNotFound:
-                try:
-                    self._register_again(generation)
-                except PublisherError as exc:   # the poll loop meets it too, and ends run()
-                    log.warning("registering again failed: %s", exc)
+                pass
             except ServerUnavailable as exc:
                 log.debug("heartbeat failed: %s", exc)   # the poll loop reports outages
+                return
             except ServerError as exc:
                 log.warning("heartbeat refused: %s", exc)
+                return
+        try:   # outside the heartbeat lock: the register lock guards this
+            self._register_again(generation)
+        except PublisherError as exc:   # the poll loop meets it too, and ends run()
+            log.warning("registering again failed: %s", exc)
 
     def _heartbeat_while_waking(self):
         if time.monotonic() - self._last_heartbeat >= WAKE_HEARTBEAT_SECONDS:
@@ -241,8 +245,9 @@ class Publisher:
                 # Forgotten right after registering: something is off server-side;
                 # do not hammer it with registers.
                 delay = self.register_backoff.next_delay()
-                log.warning("server forgot session %s again within %g s; registering again "
-                            "in %.1f s", self.session_id, REGISTER_AGAIN_SECONDS, delay)
+                log.warning("server forgot session %s within %g s of registering; "
+                            "registering again in %.1f s", self.session_id,
+                            REGISTER_AGAIN_SECONDS, delay)
                 self.register_backoff.sleep(delay)
                 if self.stopping.is_set():
                     return

@@ -3,14 +3,13 @@ and a second signal does not cut the DELETE short."""
 import json
 import signal
 import threading
-import time
 
 import responses
 
 from publisher_client import Publisher
 from publisher_client.backoff import Backoff
 from tests.publisher_client.helpers import (API, FakeSwitchboard, PublisherProcess,
-                                            register_reply, wait_for)
+                                            register_reply)
 
 
 def test_heartbeat_does_nothing_once_stopping(make_config, mocked):

@@ -147,9 +147,9 @@ def test_command_recipe_is_bounded_by_its_timeout(tmp_path):
 def test_a_command_that_times_out_is_killed_with_everything_it_started(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
     recipe = command("import subprocess, sys, time; "
-                     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']);"
-                     " open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(30)",
-                     str(pidfile), timeout_seconds=1.0)
+                     "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                     "time.sleep(30)']); open(sys.argv[1], 'w').write(str(child.pid)); "
+                     "time.sleep(30)", str(pidfile), timeout_seconds=1.0)
 
     with pytest.raises(WakeError):
         Waker("v", FlagBackend(tmp_path / "never"), recipe).wake()
