@@ -226,7 +226,9 @@ class OpenAIBackend:
 def _timed_out(exc: BaseException | None) -> bool:
     """Whether a timeout is anywhere in the chain requests and urllib3 wrap it in."""
     for _ in range(10):
-        if exc is None:
+        # urllib3 2 derives NewConnectionError (refused, unreachable) from
+        # ConnectTimeoutError for old callers; it is no timeout.
+        if exc is None or isinstance(exc, urllib3.exceptions.NewConnectionError):
             return False
         if isinstance(exc, (TimeoutError, requests.Timeout, urllib3.exceptions.TimeoutError)):
             return True

@@ -10,7 +10,7 @@ import pytest
 import requests
 import responses
 
-from publisher_client import Publisher
+from publisher_client import Publisher, backends
 from publisher_client.backends import Aborted, Answer, Call, OpenAIBackend
 from publisher_client.config import LlmConfig
 from tests.publisher_client.helpers import (API, BACKEND, FixedAnswerBackend, LateHeadersBackend,
@@ -121,6 +121,19 @@ def test_an_unreachable_backend_posts_a_short_error_and_logs_the_details(publish
     assert posted.wait(5)
     assert result_of(mocked) == {"error": "backend unreachable"}
     wait_for(lambda: BACKEND in caplog.text, what="the details in the local log")
+
+
+def test_a_backend_refusing_connections_is_unreachable_not_timed_out(publisher, mocked):
+    with socket.socket() as probe:   # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    mocked.add_passthru("http://127.0.0.1")
+    posted = expect_result(mocked)
+
+    publisher(url=f"http://127.0.0.1:{closed_port}/v1").dispatch(infer())
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"error": "backend unreachable"}
 
 
 def test_a_backend_timeout_posts_backend_timed_out(publisher, mocked):
@@ -443,6 +456,18 @@ def test_a_cancel_stops_a_request_whose_backend_has_not_sent_headers_yet(
     assert time.monotonic() - cancelled < 1.0
     assert late_backend.disconnected.wait(1), "the backend never saw the client go"
     assert not calls_to(mocked, "POST", "/tasks/t1/result")
+
+
+def test_a_backend_that_answers_too_late_timed_out(publisher, mocked, late_backend,
+                                                   monkeypatch):
+    monkeypatch.setattr(backends, "INFER_READ_TIMEOUT", 0.3)
+    mocked.add_passthru("http://127.0.0.1")
+    posted = expect_result(mocked)
+
+    publisher(url=late_backend.url).dispatch(infer())
+
+    assert posted.wait(5)
+    assert result_of(mocked) == {"error": "backend timed out"}
 
 
 def test_an_aborted_call_returns_at_once_while_the_backend_holds_its_headers(late_backend):
