@@ -6,6 +6,7 @@ from marshmallow import ValidationError
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from services import rows
 from services.errors import ServiceError, envelope
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def handle_unexpected(exc: Exception):
 
 
 def handle_database_error(exc: OperationalError):
-    if "database is locked" in str(exc.orig):
+    if rows.database_busy(exc):
         log.warning("database busy: a write waited out SQLITE_BUSY_TIMEOUT")
         return error_response(503, "The database is busy; retry shortly", "unavailable",
                               "database_busy", headers={"Retry-After": "1"})

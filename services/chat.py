@@ -408,7 +408,7 @@ def _store(transaction, settle, turn, *args, clock, **kwargs) -> bool:
             with transaction() as session:
                 return settle(session, turn, *args, now=clock(), **kwargs)
         except sa.exc.OperationalError as exc:
-            if not _database_busy(exc) or attempt == SETTLE_ATTEMPTS:
+            if not rows.database_busy(exc) or attempt == SETTLE_ATTEMPTS:
                 log.exception("could not store the outcome of thread %s", turn.thread_id)
                 return False
             log.warning("database busy storing the outcome of thread %s (attempt %d of %d)",
@@ -420,10 +420,6 @@ def _store(transaction, settle, turn, *args, clock, **kwargs) -> bool:
         time.sleep(SETTLE_BACKOFF * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
     return False
 
-
-def _database_busy(exc: sa.exc.OperationalError) -> bool:
-    """Another connection held SQLite's write lock past the busy timeout."""
-    return "database is locked" in str(exc.orig)
 
 
 def _new_thread(session, agent: Agent, caller, title: str, now) -> ChatThread:

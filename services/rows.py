@@ -20,6 +20,12 @@ def get_by_name(session, model, name: str, label: str):
     return row
 
 
+def database_busy(exc) -> bool:
+    """An OperationalError saying another connection held SQLite's write lock
+    past the busy timeout."""
+    return "database is locked" in str(getattr(exc, "orig", exc))
+
+
 def flush_or_conflict(session, message: str, code: str = "name_taken") -> None:
     """Flush; a unique-constraint violation becomes a Conflict."""
     try:
