@@ -32,14 +32,33 @@ def wait_for(predicate, timeout=5.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class SlowStreamBackend:
+class LoopbackServer:
+    """A threaded HTTP server on a free loopback port, for the fakes below."""
+
+    def serve(self, handler) -> str:
+        from http.server import ThreadingHTTPServer
+        import threading
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SlowStreamBackend(LoopbackServer):
     """A real OpenAI-compatible backend on a loopback port that streams
     `chunks` SSE events `interval` seconds apart and notes when the client
     hangs up (`disconnected` is set: a write failed)."""
 
     def __init__(self, chunks=200, interval=0.02):
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.chunks_sent = 0
         self.disconnected = threading.Event()
@@ -79,26 +98,16 @@ class SlowStreamBackend:
                     backend.disconnected.set()
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = self.serve(Handler) + "/v1"
 
 
-class FixedAnswerBackend:
+class FixedAnswerBackend(LoopbackServer):
     """A real backend on a loopback port that answers every POST with `body`
     and `headers` (for what `responses` does not fake: its raw responses
     decode gzip on their own, requests' real ones do not)."""
 
     def __init__(self, body: bytes, headers: dict):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -114,19 +123,10 @@ class FixedAnswerBackend:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = self.serve(Handler) + "/v1"
 
 
-class LateHeadersBackend:
+class LateHeadersBackend(LoopbackServer):
     """A real backend on a loopback port that sends nothing, not even headers,
     for `delay` seconds after a request (vLLM on a plain answer, Ollama
     loading a model), then a completion. `received` is set when a request
@@ -135,7 +135,7 @@ class LateHeadersBackend:
     def __init__(self, delay=5.0):
         import select
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.received = threading.Event()
         self.disconnected = threading.Event()
@@ -162,26 +162,17 @@ class LateHeadersBackend:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = self.serve(Handler) + "/v1"
 
 
-class FakeSwitchboard:
+class FakeSwitchboard(LoopbackServer):
     """Just enough of the server's publisher protocol on a loopback port for
     the real publisher process: register, heartbeat, empty polls, and a
     DELETE that takes `delete_seconds` (`delete_started` is set when it comes)."""
 
     def __init__(self, delete_seconds=0.0):
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.delete_started = threading.Event()
         self.tokens = {"publisher": "tok-fake"}
@@ -219,16 +210,7 @@ class FakeSwitchboard:
                 self.wfile.write(data)
 
         fake = self
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.url = self.serve(Handler)
 
 
 class PublisherProcess:
