@@ -67,6 +67,12 @@ class Call:
         if sock is not None:
             _shut_down(sock)
 
+    def release(self):
+        """The request is over: a late abort() must not shut down a socket
+        the pool may already have handed to another request."""
+        with self._lock:
+            self._sock = None
+
     def check(self):
         if self.aborted.is_set():
             raise Aborted()
@@ -179,6 +185,7 @@ class OpenAIBackend:
             raise self._failure("unreachable", exc) from None
         if call.aborted.is_set():
             response.close()
+            call.release()
             raise Aborted()
         if stream and 200 <= response.status_code < 300:
             return Answer(response.status_code, chunks=self._sse_payloads(response, call))
@@ -189,6 +196,7 @@ class OpenAIBackend:
             raise self._failure("failed mid-answer", exc) from None
         finally:
             response.close()
+            call.release()
         call.check()
         return Answer(response.status_code, _json_or_text(content))
 
@@ -215,6 +223,7 @@ class OpenAIBackend:
             raise self._failure("stream broke", exc) from None
         finally:
             response.close()
+            call.release()
 
     def _failure(self, what: str, exc: Exception) -> BackendUnavailable:
         """A short error for the server (it reaches clients); the URL and the

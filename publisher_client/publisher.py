@@ -111,7 +111,7 @@ class Publisher:
         try:
             reply = self.api.register(session_id, llms, agents)
         except ServerError as exc:
-            if exc.status != 403 or session_id is None:
+            if exc.status != 403 or exc.code != "foreign_session" or session_id is None:
                 raise
             # The saved id belongs to another token (a copied file, a new token).
             log.warning("session %s belongs to another token; starting a new session",
@@ -188,8 +188,10 @@ class Publisher:
         except Exception:
             task_id = task.get("task_id") if isinstance(task, dict) else None
             log.exception("task %s could not start", task_id)
-            if isinstance(task_id, str) and task_id:
-                self._post_result(task_id, {"error": "the publisher could not start this task"})
+            if isinstance(task_id, str) and task_id:  # off the poll loop: it may retry
+                _spawn(self._post_result, task_id,
+                       {"error": "the publisher could not start this task"},
+                       name=f"task-{task_id}")
 
     def _heartbeat_loop(self):
         # An unexpected error must not end the heartbeats (the rows would go

@@ -108,12 +108,28 @@ def test_a_session_id_owned_by_another_token_is_dropped_for_a_new_session(make_c
     config.session_file.parent.mkdir(parents=True)
     config.session_file.write_text(json.dumps({"session_id": "theirs"}))
     mocked.post(f"{API}/publishers/register", status=403,
-                json={"error": {"message": "session belongs to another token"}})
+                json={"error": {"message": "session belongs to another token",
+                                "code": "foreign_session"}})
     mocked.post(f"{API}/publishers/register", json=register_reply("ours"), status=201)
 
     assert Publisher(config).register() == "ours"
 
     assert [sent_json(c)["session_id"] for c in mocked.calls] == ["theirs", None]
+
+
+def test_another_403_on_register_keeps_the_session_and_raises(make_config, mocked):
+    config = make_config()
+    config.session_file.parent.mkdir(parents=True)
+    config.session_file.write_text(json.dumps({"session_id": "ours"}))
+    mocked.post(f"{API}/publishers/register", status=403,
+                json={"error": {"message": "Agent 'x' must run on one of this session's LLMs",
+                                "code": "foreign_llm"}})
+
+    with pytest.raises(ServerError) as raised:
+        Publisher(config).register()
+
+    assert raised.value.code == "foreign_llm"
+    assert [sent_json(c)["session_id"] for c in mocked.calls] == ["ours"]
 
 
 def test_hibernating_when_the_backend_is_down_and_a_wake_recipe_exists(make_config, mocked):

@@ -481,3 +481,20 @@ def test_an_aborted_call_returns_at_once_while_the_backend_holds_its_headers(lat
 
     assert time.monotonic() - started < 1.0
     assert late_backend.disconnected.wait(1)
+
+
+def test_a_late_abort_does_not_touch_the_next_request_on_a_kept_alive_connection():
+    import socket
+
+    from publisher_client.backends import Call
+
+    first, second = Call(), Call()
+    ours, theirs = socket.socketpair()
+    first.hold(ours)
+    first.release()  # its request ended; the pool may now lend `ours` to `second`
+    second.hold(ours)
+    first.abort()  # e.g. a cancel that arrived while its result was being posted
+    theirs.sendall(b"x")
+    assert ours.recv(1) == b"x"  # still open for the second request
+    ours.close()
+    theirs.close()
