@@ -71,9 +71,7 @@ def gc_sweep(as_json, heartbeat_timeout, retention):
     """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted;
     settle chat answers a killed worker left pending."""
     config = current_app.config
-    # No request waits longer than a wake plus an inference: a turn pending
-    # for longer lost its worker.
-    interrupted_after = float(config["WAKE_TIMEOUT"]) + float(config["INFER_TIMEOUT"]) + 60
+    interrupted_after = float(config["CHAT_PENDING_TIMEOUT"])
     result = gc.sweep(
         db.session, utcnow(),
         heartbeat_timeout=(heartbeat_timeout if heartbeat_timeout is not None

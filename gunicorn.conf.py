@@ -26,12 +26,13 @@ logging.basicConfig(level=loglevel.upper(),
                     datefmt="[%Y-%m-%d %H:%M:%S %z]")
 
 
-def on_starting(server):
+def nworkers_changed(server, new_value, old_value):
     # The in-memory bus lives inside one process: a second worker would see
-    # polls and requests the first one holds as unknown.
-    if not os.environ.get("REDIS_URL") and server.num_workers != 1:
+    # polls and requests the first one holds as unknown. This runs at start,
+    # on reload (HUP) and on TTIN alike.
+    if not os.environ.get("REDIS_URL") and new_value > 1:
         server.log.warning("the in-memory task bus needs exactly one worker process: running 1, "
-                           "not %d (set REDIS_URL to scale out)", server.num_workers)
+                           "not %d (set REDIS_URL to scale out)", new_value)
         server.num_workers = 1
 
 

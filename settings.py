@@ -24,6 +24,9 @@ DEFAULTS = {
     # How long a SQLite write waits for another process's lock (gc-sweep from
     # cron, a `flask tokens` command); it stalls the gevent worker meanwhile.
     "SQLITE_BUSY_TIMEOUT": 2.0,
+    # gc-sweep settles a chat answer still `pending` this long after its turn
+    # began: its worker was killed (no live turn lasts an hour).
+    "CHAT_PENDING_TIMEOUT": 3600.0,
     "REDIS_URL": None,
 }
 

@@ -48,6 +48,7 @@ class Upstream:
         Raises BadGateway when the upstream cannot be reached or breaks first.
         """
         streaming = body.get("stream") is True
+        response = None
         try:
             response = self.adapter.send(
                 self._request(target, dumps(body)), stream=streaming,
@@ -61,6 +62,8 @@ class Upstream:
             chunks = _as_they_arrive(response.raw)
             first = next(chunks, b"")
         except UPSTREAM_ERRORS as exc:
+            if response is not None:
+                response.close()
             log.warning("upstream of LLM %s failed: %s", target.name, type(exc).__name__)
             raise BadGateway(f"The upstream of LLM '{target.name}' failed ({_reason(exc)})",
                              code="upstream_unreachable") from None

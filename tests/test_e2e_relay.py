@@ -1,6 +1,7 @@
 """The relay end to end: the real gunicorn + gevent server, a publisher speaking
 the long-poll protocol over HTTP, clients over HTTP."""
 import json
+import signal
 import socket
 import threading
 import time
@@ -318,3 +319,6 @@ def test_extra_workers_are_refused_while_the_bus_is_in_memory(live_server_factor
     server = live_server_factory({"GUNICORN_CMD_ARGS": "--workers 3 --graceful-timeout 2"})
     assert len(child_pids(server.process.pid)) == 1
     assert "needs exactly one worker process" in server.log_text()
+    server.process.send_signal(signal.SIGTTIN)  # an operator asks for one more
+    time.sleep(1.5)
+    assert len(child_pids(server.process.pid)) == 1

@@ -389,7 +389,7 @@ def test_gc_sweep_settles_turns_a_killed_worker_left_pending(app, runner):
                     ChatThread(id="t1", agent_id="a1", owner="someone")):
             db.session.add(row)
             db.session.flush()
-        long_ago, just_now = utcnow() - timedelta(hours=1), utcnow()
+        long_ago, just_now = utcnow() - timedelta(hours=2), utcnow()
         for turn, (role, status, created) in enumerate([
                 ("user", "complete", long_ago), ("assistant", "pending", long_ago),
                 ("user", "complete", just_now), ("assistant", "pending", just_now)]):
