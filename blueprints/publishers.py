@@ -65,7 +65,7 @@ def post_result(task_id):
     task = lifecycle.owned_task(bus(), caller(), task_id)
     lifecycle.apply_outcome(db.session, task, outcome, utcnow())
     db.session.commit()  # commit, then notify: woken requests must find the row active
-    bus().complete(task_id, outcome)
+    bus().complete(task_id, outcome, owner=lifecycle.task_owner(caller()))
     return {"accepted": True}
 
 
@@ -73,9 +73,8 @@ def post_result(task_id):
 @require("publisher")
 def post_chunks(task_id):
     data = json_body(schemas.chunks)
-    lifecycle.owned_task(bus(), caller(), task_id)
     bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
-                      data["done"])
+                      data["done"], owner=lifecycle.task_owner(caller()))
     return {"accepted": True}
 
 

@@ -15,6 +15,11 @@ class ServiceError(Exception):
         self.details = details or {}
         self.headers = headers or {}
 
+    def to_data(self) -> dict:
+        """The error as JSON-able data (stored by the bus; see `from_data`)."""
+        return {"status": self.status, "code": self.code, "message": self.message,
+                "details": self.details, "headers": self.headers}
+
 
 class Invalid(ServiceError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
@@ -64,3 +69,20 @@ class GatewayTimeout(ServiceError):
 
 def envelope(message, type_, code, details=None):
     return {"error": {"message": message, "type": type_, "code": code, "details": details or {}}}
+
+
+def from_data(data: dict) -> ServiceError:
+    """A fresh exception from `ServiceError.to_data()`: each waiter raises its own."""
+    cls = _BY_STATUS.get(data.get("status"), ServiceError)
+    return cls(data["message"], code=data.get("code"), details=data.get("details"),
+               headers=data.get("headers"))
+
+
+_BY_STATUS = {cls.status: cls for cls in (
+    Invalid, Unauthorized, Forbidden, NotFound, Conflict, Gone, TooManyRequests, BadGateway,
+    Unavailable, GatewayTimeout)}
+
+
+def bus_unavailable() -> Unavailable:
+    return Unavailable("The task bus is unavailable; retry shortly", code="bus_unavailable",
+                       headers={"Retry-After": "1"})

@@ -120,9 +120,13 @@ def mark_inactive(session, model, now, condition) -> int:
 def owned_task(bus, caller, task_id) -> dict:
     """The bus's `{task_id, session_id, owner, kind, llm}` for a task of one of
     the caller's sessions. Raises NotFound, Conflict (completed), Gone
-    (cancelled or expired), Forbidden. No database read: the hot path of
-    every chunk POST."""
-    return bus.task_info(task_id, owner=None if caller.is_admin else caller.id)
+    (cancelled or expired), Forbidden. No database read."""
+    return bus.task_info(task_id, owner=task_owner(caller))
+
+
+def task_owner(caller) -> str | None:
+    """The owner a caller's task posts must match: its token (an admin: any)."""
+    return None if caller.is_admin else caller.id
 
 
 def apply_outcome(session, task, outcome, now) -> None:

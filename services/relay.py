@@ -4,16 +4,13 @@ The virtual path is the seeds' state machine: `inactive` → 503; no live
 publisher session → 503 at once; `hibernating` → one shared wake task first;
 then an `infer` task whose outcome (or chunks) comes back through the bus.
 """
-import collections
 import contextlib
 import logging
-import threading
 from dataclasses import dataclass
 
 from jsonio import dumps
 from models import Kind, Status
-from services.errors import (BadGateway, ClientGone, ServiceError, TooManyRequests, Unavailable,
-                             envelope)
+from services.errors import BadGateway, ClientGone, ServiceError, Unavailable, envelope
 from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Target, sse_event
 from services.upstream import Upstream
 
@@ -48,9 +45,6 @@ class Relay:
         self.bus = bus
         self.upstream = upstream
         self.timeouts = timeouts
-        # Requests in flight to each public LLM (virtual ones are counted by the bus).
-        self._in_flight = collections.Counter()
-        self._in_flight_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config, bus):
@@ -85,31 +79,19 @@ class Relay:
     # -- internals -----------------------------------------------------------
 
     def _forward(self, target, body):
-        """To the upstream, within MAX_PENDING_PER_LLM requests in flight; a
-        stream holds its slot until it is closed."""
-        with self._in_flight_lock:
-            if self._in_flight[target.name] >= self.timeouts.max_pending:
-                raise TooManyRequests(
-                    f"Too many requests waiting on LLM '{target.name}' "
-                    f"(limit {self.timeouts.max_pending}); retry shortly",
-                    headers={"Retry-After": "1"})
-            self._in_flight[target.name] += 1
+        """To the upstream, within MAX_PENDING_PER_LLM requests in flight (on
+        every worker); a stream holds its slot until it is closed."""
+        slot = self.bus.acquire_slot(target.name, self.timeouts.max_pending)
         try:
             reply = self.upstream.forward(target, body)
         except BaseException:
-            self._free_slot(target.name)
+            self.bus.release_slot(slot)
             raise
         if reply.stream is None:
-            self._free_slot(target.name)
+            self.bus.release_slot(slot)
         else:
-            reply.stream = _ClosingStream(reply.stream, lambda: self._free_slot(target.name))
+            reply.stream = _ClosingStream(reply.stream, lambda: self.bus.release_slot(slot))
         return reply
-
-    def _free_slot(self, name):
-        with self._in_flight_lock:
-            self._in_flight[name] -= 1
-            if self._in_flight[name] <= 0:
-                del self._in_flight[name]
 
     def _check_available(self, target):
         if target.status == Status.INACTIVE:

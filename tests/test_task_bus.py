@@ -6,7 +6,7 @@ import pytest
 
 from services.errors import (Conflict, Forbidden, GatewayTimeout, Gone, NotFound, TooManyRequests,
                              Unavailable)
-from services.memory_bus import MemoryTaskBus
+from services.bus.memory import MemoryTaskBus
 
 SID = "session-1"
 INFER = {"kind": "infer", "llm": "m", "streaming": False, "body": {}}

@@ -15,9 +15,10 @@ import logging
 import threading
 import time
 
-from services.bus import FINAL, TRANSITIONS, TaskBus, TaskState
+from services.bus.base import DONE_MARKER, MAX_TASKS_PER_POLL, TaskBus, too_many_pending
+from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services.errors import (BadGateway, Conflict, Forbidden, GatewayTimeout, Gone, NotFound,
-                             TooManyRequests, Unavailable)
+                             TooManyRequests, Unavailable, from_data)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ TOMBSTONE_TTL = 600.0
 TOMBSTONE_MAX = 10_000
 MAX_BUFFERED_CHUNKS = 10_000
 PRUNE_EVERY = 30.0
-DONE_MARKER = "[DONE]"
 
 
 class _Task:
@@ -92,9 +92,7 @@ class MemoryTaskBus(TaskBus):
 
         with self._lock:
             if self._pending[llm] >= limit:
-                raise TooManyRequests(
-                    f"Too many requests waiting on LLM '{llm}' (limit {limit}); retry shortly",
-                    headers={"Retry-After": "1"})
+                raise too_many_pending(llm, limit)
             shared = self._tasks.get(self._shared.get(share_key)) if share_key else None
             if shared is not None and shared.state not in FINAL:
                 shared.waiters += 1
@@ -126,7 +124,7 @@ class MemoryTaskBus(TaskBus):
                     raise BadGateway(f"The publisher of LLM '{t.llm}' sent no result",
                                      code="publisher_error")
                 if t.state in FINAL:
-                    raise t.error
+                    raise from_data(t.error)
                 t.changed.clear()
                 wake_at = self._deadline(t)
             if end is not None:
@@ -145,14 +143,14 @@ class MemoryTaskBus(TaskBus):
                 if t.state == TaskState.PICKED and now - t.last_activity >= idle_timeout:
                     self._finish(t, TaskState.EXPIRED, GatewayTimeout(
                         f"No stream data from the publisher of LLM '{t.llm}' for "
-                        f"{idle_timeout:g} s", code="stream_idle_timeout"))
+                        f"{idle_timeout:g} s", code="stream_idle_timeout").to_data())
                 if t.chunks or t.stream_done:
                     chunks, t.chunks = t.chunks, []
                     return chunks, t.stream_done, None
                 if t.state == TaskState.DONE:
                     return [], True, t.outcome
                 if t.state in FINAL:
-                    raise t.error
+                    raise from_data(t.error)
                 t.changed.clear()
                 wake_at = min(end, self._deadline(t))
                 if t.state == TaskState.PICKED:
@@ -167,17 +165,26 @@ class MemoryTaskBus(TaskBus):
             if t is None:
                 return
             t.waiters -= 1
-            self._pending[t.llm] -= 1
-            if self._pending[t.llm] <= 0:
-                del self._pending[t.llm]
+            self._unpend(t.llm)
             if t.waiters > 0:
                 return
             del self._tasks[task_id]
             if t.share_key and self._shared.get(t.share_key) == task_id:
                 del self._shared[t.share_key]
             if t.state not in FINAL:
-                self._finish(t, TaskState.CANCELLED, Gone("The client went away"))
+                self._finish(t, TaskState.CANCELLED, Gone("The client went away").to_data())
             self._tombstone(t)
+
+    def acquire_slot(self, llm, limit):
+        with self._lock:
+            if self._pending[llm] >= limit:
+                raise too_many_pending(llm, limit)
+            self._pending[llm] += 1
+        return llm
+
+    def release_slot(self, slot):
+        with self._lock:
+            self._unpend(slot)
 
     # -- publisher side ----------------------------------------------------
 
@@ -211,15 +218,16 @@ class MemoryTaskBus(TaskBus):
         with self._lock:
             return self._find_open(task_id, owner).info()
 
-    def complete(self, task_id, outcome):
+    def complete(self, task_id, outcome, owner=None):
         with self._lock:
-            t = self._find_open(task_id)
+            t = self._find_open(task_id, owner)
             t.outcome = outcome
             self._finish(t, TaskState.DONE, None)
 
-    def push_chunks(self, task_id, chunks, seq, done):
+    def push_chunks(self, task_id, chunks, seq, done, owner=None):
         with self._lock:
             t = self._tasks.get(task_id)
+            self._find(task_id, owner)
             if (t is not None and seq is not None and seq + len(chunks) <= t.received
                     and (t.stream_done or not done)):
                 return  # a retried batch we already have, even if the stream ended since
@@ -265,7 +273,7 @@ class MemoryTaskBus(TaskBus):
             for t in self._tasks.values():
                 if t.session_id == session_id and t.state not in FINAL:
                     self._finish(t, TaskState.FAILED, Unavailable(
-                        f"LLM '{t.llm}': {reason}", code="publisher_disconnected"))
+                        f"LLM '{t.llm}': {reason}", code="publisher_disconnected").to_data())
                     failed += 1
             if session is not None:
                 session.dropped = True
@@ -290,9 +298,14 @@ class MemoryTaskBus(TaskBus):
     def _live(self, session, now):
         return session.polls_held > 0 or now - session.last_seen < self.session_liveness
 
+    def _unpend(self, llm):
+        self._pending[llm] -= 1
+        if self._pending[llm] <= 0:
+            del self._pending[llm]
+
     def _hand_over(self, session, now):
         handed = []
-        while session.queue:
+        while session.queue and len(handed) < MAX_TASKS_PER_POLL:
             item = session.queue.popleft()
             if isinstance(item, dict):  # a cancel message
                 handed.append(item)
@@ -316,11 +329,11 @@ class MemoryTaskBus(TaskBus):
         if t.state == TaskState.QUEUED and now >= t.pickup_deadline:
             self._finish(t, TaskState.EXPIRED, GatewayTimeout(
                 f"The publisher of LLM '{t.llm}' did not pick up the task in time",
-                code="pickup_timeout"))
+                code="pickup_timeout").to_data())
         elif t.state == TaskState.PICKED and now >= t.finish_deadline:
             self._finish(t, TaskState.EXPIRED, GatewayTimeout(
                 f"The publisher of LLM '{t.llm}' did not finish the task in time",
-                code="task_timeout"))
+                code="task_timeout").to_data())
 
     def _finish(self, t, state, error):
         if state not in TRANSITIONS.get(t.state, ()):
@@ -340,7 +353,8 @@ class MemoryTaskBus(TaskBus):
                 session.wakeup.set()
         t.changed.set()
 
-    def _find_open(self, task_id, owner=None):
+    def _find(self, task_id, owner=None):
+        """The task's state. Raises NotFound, Forbidden (with `owner`: not its task)."""
         t = self._tasks.get(task_id)
         state, task_owner = (t.state, t.owner) if t is not None else self._tombstone_of(task_id)
         if state is None:
@@ -348,6 +362,11 @@ class MemoryTaskBus(TaskBus):
         if owner is not None and owner != task_owner:
             raise Forbidden(f"Task '{task_id}' belongs to another publisher",
                             code="foreign_task")
+        return state
+
+    def _find_open(self, task_id, owner=None):
+        state = self._find(task_id, owner)
+        t = self._tasks.get(task_id)
         if state == TaskState.DONE:
             raise Conflict(f"Task '{task_id}' is already completed", code="task_completed")
         if state in FINAL:

@@ -1,43 +1,33 @@
-"""The task bus: how a client's request reaches a publisher and back.
+"""The task bus interface: how a client's request reaches a publisher and back.
 
 One small interface, two sides:
 
 - the client side submits a task for a publisher session, then waits for its
   outcome (`wait_result`) or reads its chunks (`next_chunks`), and always
-  releases it (`release`, or use `open_task` as a context manager);
+  releases it (`release`, or use `open_task` as a context manager); a call to
+  a public LLM holds a slot (`acquire_slot` / `release_slot`) so that
+  MAX_PENDING_PER_LLM counts it too;
 - the publisher side long-polls its session (`poll`), posts an outcome
   (`complete`) or chunks (`push_chunks`), and disconnects (`drop_session`).
 
-Tasks, outcomes and chunks are plain JSON-able data, so a Redis implementation
-can replace the in-memory one behind the same interface. The in-memory bus is
-for a single worker process only (like python-socketio's in-memory manager).
+Tasks, outcomes, chunks and errors are plain JSON-able data: each waiter
+raises an exception of its own, built from the stored error. The in-memory
+bus is for a single worker process only (like python-socketio's in-memory
+manager); the Redis bus spans workers and hosts.
 """
 import abc
 import contextlib
-import enum
 
+from services.errors import TooManyRequests
 
-class TaskState(enum.StrEnum):
-    QUEUED = "queued"        # waiting in the session's queue
-    PICKED = "picked"        # handed to the publisher by a poll
-    DONE = "done"            # outcome posted, or stream ended
-    FAILED = "failed"        # the bus failed it (publisher disconnected)
-    CANCELLED = "cancelled"  # the client went away
-    EXPIRED = "expired"      # not picked up, or not finished, in time
-
-
-# The allowed moves; anything else is a no-op (e.g. a late outcome).
-TRANSITIONS = {
-    TaskState.QUEUED: {TaskState.PICKED, TaskState.FAILED, TaskState.CANCELLED,
-                       TaskState.EXPIRED, TaskState.DONE},
-    TaskState.PICKED: {TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
-                       TaskState.EXPIRED},
-}
-FINAL = {TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED, TaskState.EXPIRED}
+MAX_TASKS_PER_POLL = 64
+DONE_MARKER = "[DONE]"
 
 
 class TaskBus(abc.ABC):
-    """See the module docstring. Every wait takes a timeout; nothing waits forever."""
+    """See the module docstring. Every wait takes a timeout; nothing waits forever.
+    Any method may raise Unavailable (`bus_unavailable`) when the bus itself
+    cannot be reached."""
 
     # -- client side -------------------------------------------------------
 
@@ -48,9 +38,9 @@ class TaskBus(abc.ABC):
         return its task id. `owner` is the token that owns the session: only it
         may answer the task. With `share_key`, a task with the same key still in
         flight is joined instead (its waiters share one outcome). `limit` caps
-        the requests waiting on `llm`: past it, TooManyRequests. The task
-        expires unless picked up within `pickup_timeout` and finished within
-        `timeout` of pickup."""
+        the requests waiting on `llm` (slots included): past it, TooManyRequests.
+        The task expires unless picked up within `pickup_timeout` and finished
+        within `timeout` of pickup."""
 
     @abc.abstractmethod
     def wait_result(self, task_id: str, poll_interval: float | None = None) -> dict | None:
@@ -72,7 +62,7 @@ class TaskBus(abc.ABC):
     def release(self, task_id: str) -> None:
         """The caller is done with the task. The last waiter to release an
         unfinished task cancels it: the publisher's next poll carries a
-        `cancel` task and its next post for it gets 410."""
+        `cancel` task and its next post for it gets 410. Never raises."""
 
     @contextlib.contextmanager
     def open_task(self, session_id: str, task: dict, **kwargs):
@@ -83,34 +73,47 @@ class TaskBus(abc.ABC):
         finally:
             self.release(task_id)
 
+    @abc.abstractmethod
+    def acquire_slot(self, llm: str, limit: int) -> object:
+        """Count one more request in flight at `llm` (a public LLM's upstream
+        call), within `limit` across every worker: past it, TooManyRequests.
+        Returns the slot to hand to `release_slot`."""
+
+    @abc.abstractmethod
+    def release_slot(self, slot: object) -> None:
+        """Free a slot from `acquire_slot`. Never raises."""
+
     # -- publisher side ----------------------------------------------------
 
     @abc.abstractmethod
     def poll(self, session_id: str, wait: float, connected=None) -> list[dict]:
-        """Hand over the session's queued tasks, waiting up to `wait` seconds
-        for the first one. Marks the session live while held. `connected()`,
-        when given, is asked right before a hand-over: a poll whose publisher
-        has hung up returns [] and leaves the tasks queued for the next one."""
+        """Hand over the session's queued tasks (at most MAX_TASKS_PER_POLL),
+        waiting up to `wait` seconds for the first one. Marks the session live
+        while held. `connected()`, when given, is asked right before a
+        hand-over: a poll whose publisher has hung up returns [] and leaves the
+        tasks queued for the next one."""
 
     @abc.abstractmethod
     def task_info(self, task_id: str, owner: str | None = None) -> dict:
         """`{task_id, session_id, owner, kind, llm}` of a task a publisher may
         answer. Raises NotFound (unknown), Forbidden (with `owner`: another
         token's task, finished or not), Conflict (already completed), Gone
-        (cancelled or expired)."""
+        (cancelled, expired, failed, or the client's worker is gone)."""
 
     @abc.abstractmethod
-    def complete(self, task_id: str, outcome: dict) -> None:
+    def complete(self, task_id: str, outcome: dict, owner: str | None = None) -> None:
         """Post the outcome (`{status, body}` or `{error}`). Raises like
         `task_info`."""
 
     @abc.abstractmethod
     def push_chunks(self, task_id: str, chunks: list[str], seq: int | None,
-                    done: bool) -> None:
+                    done: bool, owner: str | None = None) -> None:
         """Append stream chunks. With `seq` (index of the first chunk in the
-        stream), chunks already received are dropped. A `[DONE]` payload or
-        `done` ends the stream. Raises like `task_info`, and Conflict when
-        `seq` leaves a gap or the task is not a streamed infer."""
+        stream), chunks already received are dropped, and a batch that only
+        repeats them is accepted even after the stream ended. A `[DONE]`
+        payload or `done` ends the stream. Raises like `task_info`, and
+        Conflict when `seq` leaves a gap or the task is not a streamed infer,
+        TooManyRequests when the client reads too slowly."""
 
     @abc.abstractmethod
     def touch(self, session_id: str) -> None:
@@ -118,22 +121,26 @@ class TaskBus(abc.ABC):
 
     @abc.abstractmethod
     def is_live(self, session_id: str) -> bool:
-        """Whether a poll is held, or ended less than SESSION_LIVENESS ago."""
+        """Whether a poll is held, or ended less than SESSION_LIVENESS ago, on any worker."""
 
     @abc.abstractmethod
     def drop_session(self, session_id: str, reason: str) -> int:
-        """Fail every unfinished task of the session with `reason` and forget
-        it. Returns how many tasks were failed."""
+        """Fail every unfinished task of the session with `reason`, end its held
+        polls and forget it. Returns how many tasks were failed."""
+
+    # -- operations --------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise Unavailable when the bus cannot be reached (`/readyz`)."""
+
+    def close(self) -> None:
+        """Stop background work and let go of connections (tests, shutdown)."""
 
     def stats(self) -> dict:
-        """Sizes of the internal maps (tests check they drain to zero)."""
+        """Sizes of this process's internal maps (tests check they drain to zero)."""
         return {}
 
 
-def create_bus(config) -> TaskBus:
-    if config.get("REDIS_URL"):
-        raise RuntimeError("REDIS_URL is set but the Redis task bus is not built yet; "
-                           "unset it to use the in-memory bus (one worker process)")
-    from services.memory_bus import MemoryTaskBus
-
-    return MemoryTaskBus(session_liveness=float(config["SESSION_LIVENESS"]))
+def too_many_pending(llm: str, limit: int) -> TooManyRequests:
+    return TooManyRequests(f"Too many requests waiting on LLM '{llm}' (limit {limit}); "
+                           f"retry shortly", headers={"Retry-After": "1"})
