@@ -28,6 +28,9 @@ DEFAULTS = {
     # began: its worker was killed (no live turn lasts an hour).
     "CHAT_PENDING_TIMEOUT": 3600.0,
     "REDIS_URL": None,
+    # Every Redis key the bus makes starts with this (several deployments, or
+    # test runs, may share one Redis).
+    "REDIS_PREFIX": "switchboard:",
 }
 
 

@@ -1,10 +1,10 @@
-"""Fixtures: a fresh app on its own real SQLite file per test.
+"""Fixtures: a fresh app on a real database of its own per test.
 
-The schema is built once per run by the real migrations (`flask db upgrade`)
-into a template file, which each test copies.
+The stack (SQLite + memory bus, or PostgreSQL + Redis) comes from the
+environment: see tests/support/stack.py. The schema is built once per run by
+the real migrations (`flask db upgrade`) into a template database, which each
+test copies.
 """
-import shutil
-
 import flask_migrate
 import pytest
 import sqlalchemy as sa
@@ -13,18 +13,21 @@ from app import create_app
 from extensions import db
 from models import ApiToken
 from services import tokens as token_service
+from tests.support import stack
 
 ROLES = ("admin", "publisher", "client")
 
 
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "switchboard.db"
-    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}"})
+    """The URL of a migrated database that tests copy (never connected to meanwhile)."""
+    url = stack.empty_database(tmp_path_factory.mktemp("template"))
+    app = create_app({"SQLALCHEMY_DATABASE_URI": stack.sqlalchemy_url(url)})
     with app.app_context():
         flask_migrate.upgrade()
         db.engine.dispose()
-    return path
+    yield url
+    stack.drop_run_databases()
 
 
 @pytest.fixture
@@ -35,14 +38,21 @@ def app_config():
 
 @pytest.fixture
 def app(tmp_path, template_db, app_config):
-    path = tmp_path / "switchboard.db"
-    shutil.copy(template_db, path)
-    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}",
-                      **app_config})
+    url = stack.copy_database(template_db, tmp_path)
+    bus_settings = stack.bus_settings()
+    app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": stack.sqlalchemy_url(url),
+                      **bus_settings, **app_config})
     yield app
+    app.extensions["task_bus"].close()
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
+    stack.drop_database(url)
+    if "REDIS_PREFIX" in bus_settings:
+        prefix = bus_settings["REDIS_PREFIX"]
+        left = stack.keys_without_ttl(prefix)
+        stack.delete_redis_keys(prefix)
+        assert not left, f"Redis keys without a TTL: {left}"
 
 
 @pytest.fixture
@@ -92,8 +102,8 @@ def _live_server_factory(tmp_path):
 
     started = []
 
-    def start(env=None):
-        server = start_server(tmp_path, env)
+    def start(env=None, share_with=None):
+        server = start_server(tmp_path, env, share_with=share_with)
         started.append(server)
         return server
 
@@ -102,11 +112,16 @@ def _live_server_factory(tmp_path):
     finally:
         for server in started:
             server.stop()
+        left = {}
+        for server in started:
+            left.update(server.clean_up())
+        assert not left, f"Redis keys without a TTL: {sorted(left)}"
 
 
 @pytest.fixture
 def live_server_factory(tmp_path):
-    """start(env=None) → a LiveServer with these extra environment settings;
+    """start(env=None, share_with=None) → a LiveServer with these extra
+    environment settings (with `share_with`: a second host of that server);
     every server started is stopped at teardown."""
     yield from _live_server_factory(tmp_path)
 

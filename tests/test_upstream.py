@@ -12,6 +12,7 @@ import requests
 import responses
 from responses import matchers
 
+from services.bus.memory import MemoryTaskBus
 from services.errors import BadGateway
 from services.inference import Target
 from services.relay import Relay
@@ -66,7 +67,7 @@ def test_the_body_goes_to_the_urls_chat_completions_as_json(upstream, mocked):
 
 
 def test_the_relay_replaces_the_clients_model_with_the_rows(mocked):
-    relay = Relay.from_config(DEFAULTS, bus=None)
+    relay = Relay.from_config(DEFAULTS, bus=MemoryTaskBus())
     body = {**CHAT, "seed": 7, "response_format": {"type": "json_object"}}
     mocked.post(COMPLETIONS, json=COMPLETION, match=[
         matchers.json_params_matcher({**body, "model": "row-model"})])

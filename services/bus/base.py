@@ -21,6 +21,8 @@ import contextlib
 from services.errors import TooManyRequests
 
 MAX_TASKS_PER_POLL = 64
+MAX_BUFFERED_CHUNKS = 10_000  # unread chunks of one stream: past it, the publisher gets 429
+TOMBSTONE_TTL = 600.0         # a finished task is remembered this long (late posts: 409/410)
 DONE_MARKER = "[DONE]"
 
 

@@ -15,16 +15,15 @@ import logging
 import threading
 import time
 
-from services.bus.base import DONE_MARKER, MAX_TASKS_PER_POLL, TaskBus, too_many_pending
+from services.bus.base import (DONE_MARKER, MAX_BUFFERED_CHUNKS, MAX_TASKS_PER_POLL,
+                               TOMBSTONE_TTL, TaskBus, too_many_pending)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services.errors import (BadGateway, Conflict, Forbidden, GatewayTimeout, Gone, NotFound,
                              TooManyRequests, Unavailable, from_data)
 
 log = logging.getLogger(__name__)
 
-TOMBSTONE_TTL = 600.0
 TOMBSTONE_MAX = 10_000
-MAX_BUFFERED_CHUNKS = 10_000
 PRUNE_EVERY = 30.0
 
 

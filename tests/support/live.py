@@ -1,5 +1,6 @@
-"""A real Switchboard: `flask db upgrade` on a temp SQLite file, three tokens,
-then gunicorn with the gevent worker on a free loopback port.
+"""A real Switchboard: `flask db upgrade` on a new database of the test stack
+(SQLite file, or PostgreSQL with Redis and two workers: tests/support/stack.py),
+three tokens, then gunicorn with the gevent worker on a free loopback port.
 
     server = start_server(tmp_path, env={"SWITCHBOARD_TASK_PICKUP_TIMEOUT": "1"})
     requests.get(server.url + "/api/v1/llms", headers=server.headers("client"))
@@ -16,6 +17,8 @@ import sys
 import time
 import http.client
 from pathlib import Path
+
+from tests.support import stack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("admin", "publisher", "client")
@@ -53,7 +56,8 @@ class ServerStartError(RuntimeError):
 
 
 class LiveServer:
-    def __init__(self, *, port, db_url, tokens, env, process, log_path):
+    def __init__(self, *, port, db_url, tokens, env, process, log_path, bus_settings,
+                 owns_database=True):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.db_url = db_url
@@ -61,6 +65,9 @@ class LiveServer:
         self.env = env
         self.process = process
         self.log_path = log_path
+        self.bus_settings = bus_settings
+        self.redis_prefix = bus_settings.get("REDIS_PREFIX")
+        self.owns_database = owns_database
 
     def headers(self, role: str) -> dict:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
@@ -82,6 +89,17 @@ class LiveServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout)
+
+    def clean_up(self) -> dict:
+        """Once stopped: drop its database and its Redis keys. Returns {key: ttl}
+        of the keys that had no TTL (there must be none)."""
+        if self.owns_database:
+            stack.drop_database(self.db_url)
+        if self.redis_prefix is None:
+            return {}
+        left = {key: ttl for key, ttl in stack.redis_keys(self.redis_prefix).items() if ttl == -1}
+        stack.delete_redis_keys(self.redis_prefix)
+        return left
 
     def __repr__(self):
         return f"LiveServer({self.url})"
@@ -123,15 +141,20 @@ def create_tokens(env: dict) -> dict:
     return tokens
 
 
-def start_server(tmp_path, env=None) -> LiveServer:
-    """Migrate a fresh SQLite file, create the tokens and start gunicorn; return
-    once `/healthz` answers. Raises ServerStartError with the log's tail."""
+def start_server(tmp_path, env=None, *, share_with: LiveServer | None = None) -> LiveServer:
+    """Migrate a new database, create the tokens and start gunicorn; return
+    once `/healthz` answers. With `share_with`, the new server uses that
+    server's database, bus and tokens instead, as a second host would.
+    Raises ServerStartError with the log's tail."""
     tmp_path = Path(tmp_path)
     port = free_port()
-    db_path = tmp_path / f"switchboard-{port}.db"
-    db_url = f"sqlite:///{db_path}"
-    full_env = server_env(db_url, port, env)
-    run_flask(full_env, "db", "upgrade")
+    if share_with is None:
+        db_url, bus_settings = stack.empty_database(tmp_path), stack.bus_settings()
+    else:
+        db_url, bus_settings = share_with.db_url, share_with.bus_settings
+    full_env = server_env(db_url, port, {**stack.bus_environment(bus_settings), **(env or {})})
+    if share_with is None:
+        run_flask(full_env, "db", "upgrade")
     log_path = tmp_path / f"server-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -139,9 +162,13 @@ def start_server(tmp_path, env=None) -> LiveServer:
             cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group: stop() can kill the worker too
     server = LiveServer(port=port, db_url=db_url, tokens={}, env=full_env, process=process,
-                        log_path=log_path)
+                        log_path=log_path, bus_settings=bus_settings,
+                        owns_database=share_with is None)
     try:
-        server.tokens.update(create_tokens(full_env))  # while gunicorn boots
+        if share_with is None:
+            server.tokens.update(create_tokens(full_env))  # while gunicorn boots
+        else:
+            server.tokens.update(share_with.tokens)
         _wait_healthy(server)
     except BaseException:
         server.stop(timeout=2.0)
