@@ -9,7 +9,9 @@ import os
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
 worker_class = "gevent"
-workers = int(os.environ.get("WEB_CONCURRENCY", "1")) if os.environ.get("REDIS_URL") else 1
+# With Redis any worker serves any request: one per core unless WEB_CONCURRENCY says.
+workers = (int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
+           if os.environ.get("REDIS_URL") else 1)
 # Held long-polls and waiting clients are connections: size for thousands.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
 # Behind nginx, keep idle upstream connections a while.

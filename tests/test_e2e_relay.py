@@ -1,6 +1,7 @@
 """The relay end to end: the real gunicorn + gevent server, a publisher speaking
 the long-poll protocol over HTTP, clients over HTTP."""
 import json
+import os
 import signal
 import socket
 import threading
@@ -10,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from tests.support import stack
 from tests.support.protocol_publisher import ProtocolPublisher
+from tests.support.waiting import wait_until
 
 SETTINGS = {"SWITCHBOARD_TASK_PICKUP_TIMEOUT": "1.5", "SWITCHBOARD_STREAM_KEEPALIVE": "0.3",
             "SWITCHBOARD_WAKE_TIMEOUT": "3", "SWITCHBOARD_SESSION_LIVENESS": "5"}
@@ -313,12 +316,26 @@ def test_non_streamed_client_leaving_cancels_its_task(server, publishers):
     assert len(publisher.cancels) == 1
 
 
+@stack.only_on(bus="memory")
 def test_extra_workers_are_refused_while_the_bus_is_in_memory(live_server_factory):
     from bench.server import child_pids
 
     server = live_server_factory({"GUNICORN_CMD_ARGS": "--workers 3 --graceful-timeout 2"})
     assert len(child_pids(server.process.pid)) == 1
-    assert "needs exactly one worker process" in server.log_text()
+    assert server.log_text().count("needs exactly one worker process") == 1
     server.process.send_signal(signal.SIGTTIN)  # an operator asks for one more
-    time.sleep(1.5)
+    wait_until(lambda: server.log_text().count("needs exactly one worker process") == 2,
+               message="gunicorn took the TTIN")
     assert len(child_pids(server.process.pid)) == 1
+
+
+@stack.only_on(bus="redis")
+def test_with_redis_the_server_runs_one_worker_per_core_unless_told(live_server_factory):
+    from bench.server import child_pids
+
+    server = live_server_factory({"WEB_CONCURRENCY": None})
+    cores = os.cpu_count()
+    wait_until(lambda: len(child_pids(server.process.pid)) == cores, message="workers booted")
+    assert f"task bus: redis; {cores} worker processes" in server.log_text()
+    told = live_server_factory({"WEB_CONCURRENCY": "3"})
+    wait_until(lambda: len(child_pids(told.process.pid)) == 3, message="3 workers booted")

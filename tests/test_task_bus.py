@@ -1,4 +1,9 @@
-"""The in-memory task bus on its own: ordering, deadlines, cleanup on every path."""
+"""The task bus contract, on both buses: ordering, deadlines, cleanup on every path.
+
+Every test runs on the in-memory bus and, in the Redis half of `make test`, on
+the Redis bus too (tests/support/buses.py);
+tests/test_redis_bus.py has what only Redis has: several workers, dead workers,
+outages."""
 import threading
 import time
 
@@ -6,16 +11,27 @@ import pytest
 
 from services.errors import (Conflict, Forbidden, GatewayTimeout, Gone, NotFound, TooManyRequests,
                              Unavailable)
-from services.bus.memory import MemoryTaskBus
+from tests.support import stack
+from tests.support.buses import Buses
+from tests.support.waiting import wait_until
 
 SID = "session-1"
 INFER = {"kind": "infer", "llm": "m", "streaming": False, "body": {}}
 STREAM = {**INFER, "streaming": True}
 
 
+# The Redis half of `make test` runs the contract on both buses; the quick
+# half (SQLite + memory) needs no Redis.
+@pytest.fixture(params=["memory", "redis"] if stack.BUS == "redis" else ["memory"])
+def buses(request):
+    buses = Buses(request.param, session_liveness=0.5)
+    yield buses
+    assert not buses.close(), "Redis keys without a TTL"
+
+
 @pytest.fixture
-def bus():
-    bus = MemoryTaskBus(session_liveness=0.5)
+def bus(buses):
+    bus = buses.make()
     yield bus
     # Whatever the test did, nothing may stay behind once every task is released.
     stats = bus.stats()
@@ -41,13 +57,16 @@ def test_poll_hands_over_queued_tasks_with_their_ids(bus):
 
 
 def test_held_poll_returns_as_soon_as_a_task_arrives(bus):
-    holder = {}
-    later(0.1, lambda: holder.setdefault("id", submit(bus)))
+    box = {}
+    poller = threading.Thread(target=lambda: box.setdefault("tasks", bus.poll(SID, wait=5)))
+    poller.start()
+    wait_until(lambda: bus.is_live(SID), message="the poll is held")
     started = time.monotonic()
-    tasks = bus.poll(SID, wait=5)
+    task_id = submit(bus)
+    poller.join(5)
     assert time.monotonic() - started < 2
-    assert [t["task_id"] for t in tasks] == [holder["id"]]
-    bus.release(holder["id"])
+    assert [t["task_id"] for t in box["tasks"]] == [task_id]
+    bus.release(task_id)
 
 
 def test_empty_poll_returns_after_its_wait(bus):
@@ -162,10 +181,16 @@ def test_dropping_a_session_fails_its_in_flight_tasks(bus):
 
 
 def test_dropping_a_session_ends_its_held_poll(bus):
-    later(0.1, bus.drop_session, SID, "publisher disconnected")
+    box = {}
+    poller = threading.Thread(target=lambda: box.setdefault("tasks", bus.poll(SID, wait=5)))
+    poller.start()
+    wait_until(lambda: bus.is_live(SID), message="the poll is held")
     started = time.monotonic()
-    assert bus.poll(SID, wait=5) == []
+    bus.drop_session(SID, "publisher disconnected")
+    poller.join(5)
+    assert box["tasks"] == []
     assert time.monotonic() - started < 2
+    assert not bus.is_live(SID)
 
 
 def test_shared_key_joins_the_task_in_flight(bus):
@@ -196,12 +221,12 @@ def test_session_is_live_while_polling_and_shortly_after(bus):
     assert not bus.is_live(SID)
     poller = threading.Thread(target=bus.poll, args=(SID, 0.3))
     poller.start()
-    time.sleep(0.1)
-    assert bus.is_live(SID)
+    wait_until(lambda: bus.is_live(SID), message="live while the poll is held")
     poller.join()
-    assert bus.is_live(SID)  # ended less than SESSION_LIVENESS ago
-    time.sleep(0.6)
-    assert not bus.is_live(SID)
+    ended = time.monotonic()
+    assert bus.is_live(SID)  # ended less than SESSION_LIVENESS (0.5 s) ago
+    wait_until(lambda: not bus.is_live(SID), timeout=3, message="no longer live")
+    assert time.monotonic() - ended >= 0.25
 
 
 def test_hundred_concurrent_waiters_each_get_their_own_outcome(bus):
@@ -266,3 +291,61 @@ def test_another_owner_is_refused_before_the_task_state_shows(bus):
         bus.task_info(task_id, owner="someone-else")
     with pytest.raises(Conflict):
         bus.task_info(task_id, owner="tok")
+
+
+def test_slots_and_tasks_count_against_one_limit_per_llm(bus):
+    slot = bus.acquire_slot("m", 2)
+    task_id = submit(bus, limit=2)
+    with pytest.raises(TooManyRequests):
+        bus.acquire_slot("m", 2)
+    with pytest.raises(TooManyRequests):
+        submit(bus, limit=2)
+    bus.release_slot(slot)
+    bus.release_slot(bus.acquire_slot("m", 2))  # the freed slot is usable again
+    bus.release(task_id)
+
+
+def test_a_poll_hands_out_at_most_64_tasks(bus):
+    ids = [submit(bus, limit=100) for _ in range(70)]
+    assert len(bus.poll(SID, wait=0)) == 64
+    assert len(bus.poll(SID, wait=0)) == 6
+    for task_id in ids:
+        bus.release(task_id)
+
+
+def test_posts_of_another_owner_are_forbidden(bus):
+    task_id = submit(bus, STREAM)
+    bus.poll(SID, wait=0)
+    with pytest.raises(Forbidden):
+        bus.push_chunks(task_id, ["a"], seq=0, done=False, owner="someone-else")
+    with pytest.raises(Forbidden):
+        bus.complete(task_id, {"status": 200, "body": {}}, owner="someone-else")
+    bus.push_chunks(task_id, ["a"], seq=0, done=True, owner="tok")
+    assert bus.next_chunks(task_id, 5, 1) == (["a"], True, None)
+    bus.release(task_id)
+
+
+def test_waiters_of_a_shared_task_each_raise_their_own_error(bus):
+    wake = {"kind": "wake", "llm": "m"}
+    first = submit(bus, wake, share_key="wake:m", pickup_timeout=0.1)
+    second = submit(bus, wake, share_key="wake:m", pickup_timeout=0.1)
+    errors = []
+    for task_id in (first, second):
+        with pytest.raises(GatewayTimeout) as err:
+            bus.wait_result(task_id)
+        errors.append(err.value)
+    assert errors[0] is not errors[1]
+    assert [e.code for e in errors] == ["pickup_timeout", "pickup_timeout"]
+    bus.release(first)
+    bus.release(second)
+
+
+def test_a_late_post_after_the_stream_ended_is_a_conflict_but_a_retry_is_accepted(bus):
+    task_id = submit(bus, STREAM)
+    bus.poll(SID, wait=0)
+    bus.push_chunks(task_id, ["a", "[DONE]"], seq=0, done=False)
+    bus.push_chunks(task_id, ["a", "[DONE]"], seq=0, done=False)  # the same batch again
+    with pytest.raises(Conflict):
+        bus.push_chunks(task_id, ["b"], seq=2, done=False)
+    assert bus.next_chunks(task_id, 5, 1) == (["a"], True, None)
+    bus.release(task_id)

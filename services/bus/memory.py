@@ -228,7 +228,8 @@ class MemoryTaskBus(TaskBus):
             t = self._tasks.get(task_id)
             self._find(task_id, owner)
             if (t is not None and seq is not None and seq + len(chunks) <= t.received
-                    and (t.stream_done or not done)):
+                    and (t.stream_done or not done)
+                    and t.state in (TaskState.QUEUED, TaskState.PICKED, TaskState.DONE)):
                 return  # a retried batch we already have, even if the stream ended since
             t = self._find_open(task_id)
             if t.kind != "infer" or not t.payload.get("streaming"):

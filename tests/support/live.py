@@ -121,7 +121,11 @@ def server_env(db_url: str, port: int, extra: dict | None = None) -> dict:
                 "PORT": str(port), "PYTHONUNBUFFERED": "1",
                 "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
                 "GUNICORN_CMD_ARGS": DEFAULT_GUNICORN_CMD_ARGS})
-    env.update({k: str(v) for k, v in (extra or {}).items()})
+    for key, value in (extra or {}).items():  # None unsets
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 

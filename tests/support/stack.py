@@ -143,3 +143,13 @@ def delete_redis_keys(prefix: str) -> None:
 
 def keys_without_ttl(prefix: str) -> list[str]:
     return sorted(key for key, ttl in redis_keys(prefix).items() if ttl == -1)
+
+
+def only_on(*, bus: str | None = None, db: str | None = None):
+    """Mark a test about one stack's own behaviour (one worker on the memory bus,
+    say); `make test` runs it in that stack's half."""
+    import pytest
+
+    wanted = [value for value in (db, bus) if value]
+    return pytest.mark.skipif((bus or BUS) != BUS or (db or DB) != DB,
+                              reason=f"runs in the {'+'.join(wanted)} half of `make test`")

@@ -1,0 +1,188 @@
+-- Shared by every script of the Redis task bus (services/bus/redis.py).
+--
+-- ARGV[1] key prefix, ARGV[2] now (wall clock, seconds), ARGV[3] this worker's
+-- id; a script's own arguments follow (ARG(1) is ARGV[4]). Task keys are named
+-- from data, not passed as KEYS: the bus needs one Redis (or a Sentinel
+-- primary), not a Cluster.
+--
+-- Keys, each with a TTL:
+--   workers        zset  worker -> alive until (every script and heartbeat renew it)
+--   t:<task>       hash  the task: state, session, owner, kind, llm, deadlines, outcome ...
+--   h:<task>       hash  lease -> worker: the requests waiting on the task
+--   c:<task>       list  stream chunks not yet read by the client
+--   q:<session>    list  task ids and cancel messages for the session's polls
+--   st:<session>   set   the session's unfinished tasks
+--   p:<session>    zset  worker -> live until: polls held (and just ended) per worker
+--   x:<session>    string when the session was dropped (ends polls held at that moment)
+--   n:<llm>        hash  lease -> worker: requests waiting on or in flight at the LLM
+--   sh:<key>       string the task id a shared wake is joined to
+-- Channel w:<worker>: "t:<task>" (the task changed), "s:<session>" (its queue did).
+
+local P, NOW, WORKER = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function ARG(i) return ARGV[3 + i] end
+local function NARGS() return #ARGV - 3 end
+
+local TRANSITIONS = {{TRANSITIONS}}
+local OPEN = {queued = true, picked = true}
+local WORKER_TTL = {{WORKER_TTL}}
+local TOMBSTONE_MS = {{TOMBSTONE_MS}}
+local MARGIN = {{MARGIN}}
+
+redis.call('ZADD', P .. 'workers', NOW + WORKER_TTL, WORKER)
+redis.call('PEXPIRE', P .. 'workers', math.ceil(WORKER_TTL * 3000))
+
+local function ms(seconds) return math.ceil(seconds * 1000) end
+
+-- Give `key` at least `seconds` more to live (never shorten it).
+local function extend(key, seconds)
+  if redis.call('PTTL', key) < ms(seconds) then redis.call('PEXPIRE', key, ms(seconds)) end
+end
+
+local function err(status, code, message, details, headers)
+  return cjson.encode({status = status, code = code, message = message,
+                       details = details or {}, headers = headers or {}})
+end
+
+local alive_cache = {}
+local function alive(worker)
+  local known = alive_cache[worker]
+  if known == nil then
+    local score = redis.call('ZSCORE', P .. 'workers', worker)
+    known = score ~= false and tonumber(score) > NOW
+    alive_cache[worker] = known
+  end
+  return known
+end
+
+-- Live entries of a lease hash (lease -> worker); dead workers' entries are dropped.
+local function live_leases(key)
+  local flat = redis.call('HGETALL', key)
+  local count, workers, seen = 0, {}, {}
+  for i = 1, #flat, 2 do
+    local worker = flat[i + 1]
+    if alive(worker) then
+      count = count + 1
+      if not seen[worker] then seen[worker] = true; workers[#workers + 1] = worker end
+    else
+      redis.call('HDEL', key, flat[i])
+    end
+  end
+  return count, workers
+end
+
+local FIELDS = {'state', 'session', 'owner', 'kind', 'llm', 'streaming', 'share', 'pickup_at',
+                'timeout', 'finish_at', 'activity', 'received', 'done'}
+local function load(id)
+  local values = redis.call('HMGET', P .. 't:' .. id, unpack(FIELDS))
+  if not values[1] then return nil end
+  local t = {id = id}
+  for i, field in ipairs(FIELDS) do t[field] = values[i] end
+  return t
+end
+
+local function notify_task(id)
+  local _, workers = live_leases(P .. 'h:' .. id)
+  for _, worker in ipairs(workers) do redis.call('PUBLISH', P .. 'w:' .. worker, 't:' .. id) end
+end
+
+local function notify_session(sid)
+  for _, worker in ipairs(redis.call('ZRANGEBYSCORE', P .. 'p:' .. sid, NOW, '+inf')) do
+    if alive(worker) then redis.call('PUBLISH', P .. 'w:' .. worker, 's:' .. sid) end
+  end
+end
+
+local function queue_push(sid, item, ttl)
+  redis.call('RPUSH', P .. 'q:' .. sid, item)
+  extend(P .. 'q:' .. sid, ttl)
+  notify_session(sid)
+end
+
+-- Move the task to `state` if TRANSITIONS allows it; the task key becomes its own
+-- tombstone (late posts get 409/410). Returns whether it moved.
+local function finish(t, state, error_json)
+  local moves = TRANSITIONS[t.state]
+  if not moves or not moves[state] then return false end
+  local key = P .. 't:' .. t.id
+  local was = t.state
+  t.state = state
+  redis.call('HSET', key, 'state', state)
+  if error_json then redis.call('HSET', key, 'error', error_json) end
+  redis.call('HDEL', key, 'payload')
+  if was == 'queued' then
+    redis.call('LREM', P .. 'q:' .. t.session, 0, t.id)
+  elseif state == 'cancelled' or state == 'expired' then
+    queue_push(t.session, cjson.encode({kind = "cancel", task_id = t.id}), MARGIN)
+  end
+  redis.call('SREM', P .. 'st:' .. t.session, t.id)
+  for _, suffix in ipairs({'t:', 'h:', 'c:'}) do
+    redis.call('PEXPIRE', P .. suffix .. t.id, TOMBSTONE_MS)
+  end
+  notify_task(t.id)
+  return true
+end
+
+local function expire_if_due(t)
+  if t.state == 'queued' and NOW >= tonumber(t.pickup_at) then
+    finish(t, 'expired', err(504, 'pickup_timeout',
+      "The publisher of LLM '" .. t.llm .. "' did not pick up the task in time"))
+  elseif t.state == 'picked' and NOW >= tonumber(t.finish_at) then
+    finish(t, 'expired', err(504, 'task_timeout',
+      "The publisher of LLM '" .. t.llm .. "' did not finish the task in time"))
+  end
+end
+
+-- A task whose every waiting request is gone (their workers died) is cancelled.
+local function cancel_if_orphaned(t)
+  if OPEN[t.state] and live_leases(P .. 'h:' .. t.id) == 0 then
+    finish(t, 'cancelled', err(410, 'client_gone', 'The client went away'))
+  end
+end
+
+local function pick(t)
+  t.state = 'picked'
+  t.finish_at = NOW + tonumber(t.timeout)
+  local key = P .. 't:' .. t.id
+  redis.call('HSET', key, 'state', 'picked', 'finish_at', t.finish_at, 'activity', NOW)
+  for _, suffix in ipairs({'t:', 'h:', 'c:'}) do
+    redis.call('PEXPIRE', P .. suffix .. t.id, ms(tonumber(t.timeout) + MARGIN))
+  end
+end
+
+-- The task a publisher may post for, or an error: 404, 403 (another owner's),
+-- 409 (completed), 410 (cancelled, expired, failed). `owner` '' skips the owner check.
+local function find(id, owner)
+  local t = load(id)
+  if not t then return nil, err(404, 'task_not_found', "Task '" .. id .. "' not found") end
+  if owner ~= '' and owner ~= t.owner then
+    return nil, err(403, 'foreign_task', "Task '" .. id .. "' belongs to another publisher")
+  end
+  return t
+end
+
+-- Bring the task's state up to date: deadlines passed, waiting requests all gone.
+local function refresh(t)
+  expire_if_due(t)
+  cancel_if_orphaned(t)
+end
+
+local function check_open(t)
+  refresh(t)
+  if t.state == 'done' then
+    return err(409, 'task_completed', "Task '" .. t.id .. "' is already completed")
+  end
+  if not OPEN[t.state] then
+    return err(410, 'task_' .. t.state, "Task '" .. t.id .. "' was " .. t.state ..
+               "; stop working on it")
+  end
+  return nil
+end
+
+-- Leases (lease -> worker) counted against `limit`; false when full.
+local function take_lease(key, lease, limit, ttl)
+  if live_leases(key) >= limit then return false end
+  redis.call('HSET', key, lease, WORKER)
+  extend(key, ttl)
+  return true
+end
+
+-- ---------------------------------------------------------------------------

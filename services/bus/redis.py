@@ -1,0 +1,450 @@
+"""The Redis task bus: any worker on any host may hold a client's request while
+any other holds the publisher's poll or takes its posts.
+
+Its shape follows python-socketio's Redis manager and huey's / rq's storage:
+
+- The state lives in Redis. Every state change is one Lua script (`lua/`),
+  run atomically; the allowed moves are `TRANSITIONS`, rendered into the
+  scripts from states.py. Deadlines are wall-clock times kept with the task;
+  errors are kept as data, and each waiter raises its own exception.
+- Each worker process holds one pub/sub connection, on a channel of its own.
+  The scripts publish to the workers whose requests wait on a task (or whose
+  polls wait on a session); a listener fans that out to local events
+  (waiters.py). No Redis connection is held per waiting request.
+- What a worker contributes (a request waiting on a task or an LLM, a held
+  poll) is a lease tied to the worker's liveness entry, which every script
+  and a heartbeat renew. A worker killed with SIGKILL stops renewing it:
+  within WORKER_TTL its leases stop counting, and its tasks end for the
+  publisher (410 on its next post).
+- Every key has a TTL; a finished task's key is its own tombstone.
+
+Redis unreachable: every call raises Unavailable (`bus_unavailable`, 503
+with Retry-After) within the socket timeouts, never hangs; releases that
+could not reach Redis are retried by the heartbeat. Nothing connects before
+the first call, so the server starts while Redis is down.
+"""
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from jsonio import dumps, loads
+from models import new_id
+from services.bus.base import (MAX_BUFFERED_CHUNKS, MAX_TASKS_PER_POLL, TOMBSTONE_TTL, TaskBus,
+                               too_many_pending)
+from services.bus.states import FINAL, TRANSITIONS, TaskState
+from services.bus.waiters import Waiters
+from services.errors import BadGateway, GatewayTimeout, Unavailable, bus_unavailable, from_data
+
+log = logging.getLogger(__name__)
+
+WORKER_TTL = 10.0        # a worker that renewed nothing for this long is dead
+HEARTBEAT_EVERY = 2.0
+LEASE_TTL = 60.0         # an LLM's lease hash lives this long past its last renewal
+MARGIN = 60.0            # a task's keys outlive its deadlines by this much
+CLOCK_SLACK = 0.002      # wake just after a deadline, not just before it
+LISTEN_TICK = 1.0
+RECONNECT_BACKOFF = (0.1, 5.0)
+MAX_RETRIED_RELEASES = 10_000
+SOCKET_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+POOL_TIMEOUT = 2.0       # waiting for a free pooled connection
+HEALTH_CHECK_INTERVAL = 10
+
+# Redis could not be reached, or cannot serve now; anything else is a bug.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+UNSERVABLE_REPLIES = ("OOM", "MASTERDOWN", "READONLY", "LOADING", "BUSY", "NOREPLICAS")
+
+LUA = Path(__file__).with_name("lua")
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What a waiting client reads of its task."""
+
+    state: str
+    llm: str
+    stream_done: bool
+    outcome: dict | None
+    error: dict | None
+    deadline: float
+    activity: float
+    chunks: list[str]
+
+
+class RedisTaskBus(TaskBus):
+    def __init__(self, client: redis.Redis, *, prefix="switchboard:", session_liveness=10.0,
+                 drop_memory=90.0, worker_ttl=WORKER_TTL, clock=time.time):
+        self.client = client
+        self.prefix = prefix
+        self.session_liveness = session_liveness
+        self.drop_memory = drop_memory  # how long a dropped session ends polls held at the drop
+        self.clock = clock
+        self.worker_id = None
+        self.worker_ttl = worker_ttl
+        self._scripts = _load_scripts(client, worker_ttl)
+        self._waiters = Waiters()
+        self._lock = threading.Lock()
+        self._leases: dict[str, list[tuple[str, str]]] = {}  # task -> [(lease, llm)] held here
+        self._leased_llms = collections.Counter()            # llm -> leases held here
+        self._polls = collections.Counter()                  # session -> polls held here
+        self._unreleased = collections.deque(maxlen=MAX_RETRIED_RELEASES)
+        self._down = False
+        self._pid = None
+        self._start_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def from_config(cls, config):
+        pool = redis.BlockingConnectionPool.from_url(
+            config["REDIS_URL"], max_connections=int(config.get("REDIS_MAX_CONNECTIONS", 64)),
+            timeout=POOL_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=HEALTH_CHECK_INTERVAL,
+            decode_responses=True)
+        return cls(redis.Redis(connection_pool=pool), prefix=config["REDIS_PREFIX"],
+                   session_liveness=float(config["SESSION_LIVENESS"]),
+                   drop_memory=float(config["POLL_WAIT_MAX"]) + MARGIN)
+
+    # -- client side -------------------------------------------------------
+
+    def submit(self, session_id, task, *, llm, owner, limit, pickup_timeout, timeout,
+               share_key=None):
+        task_id, lease = new_id(), new_id()
+        payload = dumps({"task_id": task_id, **task}).decode()
+        try:
+            reply = self._run("submit", session_id, task_id, lease, llm, owner or "", limit,
+                              pickup_timeout, timeout, share_key or "", task["kind"],
+                              _flag(task.get("streaming")), payload)
+        except Unavailable:
+            self._retry_later("release", task_id, lease, llm)  # it may have run
+            raise
+        if reply[0] == "full":
+            raise too_many_pending(llm, limit)
+        task_id = reply[1]
+        with self._lock:
+            self._leases.setdefault(task_id, []).append((lease, llm))
+            self._leased_llms[llm] += 1
+        return task_id
+
+    def wait_result(self, task_id, poll_interval=None):
+        end = None if poll_interval is None else self.clock() + poll_interval
+        with self._waiters.waiting("t:" + task_id) as changed:
+            while True:
+                changed.clear()
+                view = self._observe(task_id)
+                if view.state == TaskState.DONE:
+                    if view.outcome is None:  # chunks cannot finish a non-stream; never loop
+                        raise BadGateway(f"The publisher of LLM '{view.llm}' sent no result",
+                                         code="publisher_error")
+                    return view.outcome
+                if view.state in FINAL:
+                    raise from_data(view.error)
+                now = self.clock()
+                wake_at = view.deadline
+                if end is not None:
+                    if now >= end:
+                        return None
+                    wake_at = min(wake_at, end)
+                changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
+
+    def next_chunks(self, task_id, idle_timeout, poll_interval):
+        end = self.clock() + poll_interval
+        with self._waiters.waiting("t:" + task_id) as changed:
+            while True:
+                changed.clear()
+                view = self._observe(task_id, idle_timeout, read_chunks=True)
+                if view.chunks or view.stream_done:
+                    return view.chunks, view.stream_done, None
+                if view.state == TaskState.DONE:
+                    return [], True, view.outcome
+                if view.state in FINAL:
+                    raise from_data(view.error)
+                now = self.clock()
+                if now >= end:
+                    return [], False, None
+                wake_at = min(end, view.deadline)
+                if view.state == TaskState.PICKED:
+                    wake_at = min(wake_at, view.activity + idle_timeout)
+                changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
+
+    def release(self, task_id):
+        with self._lock:
+            held = self._leases.get(task_id)
+            if not held:
+                return
+            lease, llm = held.pop()
+            if not held:
+                del self._leases[task_id]
+            self._unlease(llm)
+        self._run_or_retry("release", task_id, lease, llm)
+
+    def acquire_slot(self, llm, limit):
+        lease = new_id()
+        try:
+            taken = self._run("acquire_slot", llm, lease, limit, LEASE_TTL)
+        except Unavailable:
+            self._retry_later("release_slot", llm, lease)
+            raise
+        if not taken:
+            raise too_many_pending(llm, limit)
+        with self._lock:
+            self._leased_llms[llm] += 1
+        return llm, lease
+
+    def release_slot(self, slot):
+        llm, lease = slot
+        with self._lock:
+            self._unlease(llm)
+        self._run_or_retry("release_slot", llm, lease)
+
+    # -- publisher side ----------------------------------------------------
+
+    def poll(self, session_id, wait, connected=None):
+        started = self.clock()
+        deadline = started + wait
+        with self._lock:
+            self._polls[session_id] += 1
+        try:
+            with self._waiters.waiting("s:" + session_id) as changed:
+                while True:
+                    changed.clear()
+                    if connected is not None and not connected():
+                        return []  # the publisher hung up: leave the tasks queued
+                    now = self.clock()
+                    live_until = max(deadline, now) + self.session_liveness
+                    reply = self._run("poll", session_id, MAX_TASKS_PER_POLL, live_until, started)
+                    if reply[0] == "dropped":
+                        return []
+                    if len(reply) > 1:
+                        return [loads(item) for item in reply[1:]]
+                    if now >= deadline:
+                        return []
+                    changed.wait(deadline - now)
+        finally:
+            with self._lock:
+                self._polls[session_id] -= 1
+                last = self._polls[session_id] <= 0
+                if last:
+                    del self._polls[session_id]
+            if last:
+                try:
+                    self._run("poll_end", session_id, self.clock() + self.session_liveness,
+                              started)
+                except Unavailable:
+                    pass  # its entry lapses at the live-until the poll registered
+
+    def task_info(self, task_id, owner=None):
+        _, session_id, task_owner, kind, llm = self._answer(self._run("task_info", task_id,
+                                                                      owner or ""))
+        return {"task_id": task_id, "session_id": session_id, "owner": task_owner or None,
+                "kind": kind, "llm": llm}
+
+    def complete(self, task_id, outcome, owner=None):
+        self._answer(self._run("complete", task_id, owner or "", dumps(outcome).decode()))
+
+    def push_chunks(self, task_id, chunks, seq, done, owner=None):
+        self._answer(self._run("push_chunks", task_id, owner or "", "" if seq is None else seq,
+                               _flag(done), MAX_BUFFERED_CHUNKS, *chunks))
+
+    def touch(self, session_id):
+        self._run("touch", session_id, self.clock() + self.session_liveness)
+
+    def is_live(self, session_id):
+        return bool(self._run("is_live", session_id))
+
+    def drop_session(self, session_id, reason):
+        return int(self._run("drop", session_id, reason, self.drop_memory))
+
+    # -- operations --------------------------------------------------------
+
+    def ping(self):
+        try:
+            self.client.ping()
+        except UNREACHABLE:
+            raise bus_unavailable() from None
+
+    def close(self):
+        self._stopping.set()
+        if self._threads:
+            try:  # wake the listener now rather than at its next tick
+                self.client.publish(self._channel(), "stop")
+            except redis.RedisError:
+                pass
+        for thread in self._threads:
+            thread.join(LISTEN_TICK + SOCKET_TIMEOUT)
+        self._threads = []
+        self._pid = None
+        self.client.connection_pool.disconnect()
+
+    def stats(self):
+        with self._lock:
+            return {"tasks": len(self._leases), "shared": 0,
+                    "pending": sum(self._leased_llms.values()),
+                    "polls": sum(self._polls.values()), "waiters": len(self._waiters),
+                    "queued": self._queued()}
+
+    # -- internals -----------------------------------------------------------
+
+    def _run(self, script, *args):
+        """Run a script as this worker, now. Raises Unavailable when Redis
+        cannot be reached or cannot serve."""
+        self._ensure_started()
+        try:
+            reply = self._scripts[script](
+                args=(self.prefix, f"{self.clock():.6f}", self.worker_id, *args))
+        except redis.RedisError as exc:
+            if not _unavailable(exc):
+                raise
+            if not self._down:
+                self._down = True
+                log.warning("task bus: Redis unavailable (%s)", type(exc).__name__)
+            raise bus_unavailable() from None
+        if self._down:
+            self._down = False
+            log.info("task bus: Redis reachable again")
+        return reply
+
+    def _run_or_retry(self, script, *args):
+        try:
+            self._run(script, *args)
+        except Unavailable:
+            self._retry_later(script, *args)
+
+    def _retry_later(self, script, *args):
+        self._unreleased.append((script, args))
+
+    def _retry_releases(self):
+        while self._unreleased:
+            script, args = self._unreleased.popleft()
+            try:
+                self._run(script, *args)
+            except Unavailable:
+                self._unreleased.appendleft((script, args))
+                return
+
+    def _answer(self, reply):
+        if reply[0] == "err":
+            raise from_data(loads(reply[1]))
+        return reply
+
+    def _observe(self, task_id, idle_timeout=None, read_chunks=False) -> _View:
+        reply = self._run("observe", task_id, "" if idle_timeout is None else idle_timeout,
+                          "" if idle_timeout is None else f"{idle_timeout:g}",
+                          _flag(read_chunks))
+        if reply[0] == "missing":  # its keys lapsed: only if nothing read it for minutes
+            raise GatewayTimeout(f"Task '{task_id}' expired", code="task_timeout")
+        state, done, outcome, error, deadline, activity, llm, *chunks = reply
+        return _View(state=state, llm=llm, stream_done=done == "1",
+                     outcome=loads(outcome) if outcome else None,
+                     error=loads(error) if error else None,
+                     deadline=float(deadline) if deadline else 0.0,
+                     activity=float(activity) if activity else 0.0, chunks=chunks)
+
+    def _channel(self) -> str:
+        return f"{self.prefix}w:{self.worker_id}"
+
+    def _unlease(self, llm):
+        self._leased_llms[llm] -= 1
+        if self._leased_llms[llm] <= 0:
+            del self._leased_llms[llm]
+
+    def _queued(self) -> int:
+        """Task ids and cancel messages queued for any session (tests only: a SCAN)."""
+        try:
+            return sum(self.client.llen(key)
+                       for key in self.client.scan_iter(match=self.prefix + "q:*", count=1000))
+        except UNREACHABLE:
+            return 0
+
+    def _ensure_started(self):
+        """The listener and the heartbeat run in every process that uses the bus
+        (started lazily, so a forked worker starts its own)."""
+        if self._pid == os.getpid():
+            return
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+            self._stopping = threading.Event()
+            self._threads = [threading.Thread(target=target, name=f"bus-{target.__name__}",
+                                              daemon=True)
+                             for target in (self._listen, self._beat)]
+            self._pid = os.getpid()
+            for thread in self._threads:
+                thread.start()
+
+    def _listen(self):
+        """Fan this worker's channel out to local waiters; resubscribe after an
+        outage and wake everyone to look again (messages sent meanwhile are lost)."""
+        channel = self._channel()
+        backoff = RECONNECT_BACKOFF[0]
+        while not self._stopping.is_set():
+            pubsub = self.client.pubsub()
+            try:
+                pubsub.subscribe(channel)
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=LISTEN_TICK)
+                    if message is None:
+                        continue
+                    if message["type"] == "message":
+                        self._waiters.notify(message["data"])
+                    elif message["type"] == "subscribe":
+                        backoff = RECONNECT_BACKOFF[0]
+                        self._waiters.notify_all()
+            except redis.RedisError as exc:
+                if not _unavailable(exc):
+                    log.exception("task bus listener failed")
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
+            finally:
+                try:
+                    pubsub.close()
+                except redis.RedisError:
+                    pass
+
+    def _beat(self):
+        """Keep this worker alive and its lease hashes with it; retry releases."""
+        while not self._stopping.wait(min(HEARTBEAT_EVERY, self.worker_ttl / 4)):
+            with self._lock:
+                llms = list(self._leased_llms)
+            try:
+                self._run("heartbeat", LEASE_TTL, *llms)
+                self._retry_releases()
+            except Unavailable:
+                pass
+            except Exception:  # keep beating whatever happens
+                log.exception("task bus heartbeat failed")
+
+
+def _flag(value) -> str:
+    return "1" if value else "0"
+
+
+def _unavailable(exc: redis.RedisError) -> bool:
+    return isinstance(exc, UNREACHABLE) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(UNSERVABLE_REPLIES))
+
+
+def _load_scripts(client, worker_ttl) -> dict:
+    """Every script of lua/, each behind the shared prelude, as redis-py Script
+    objects (EVALSHA, loading the script again when Redis has forgotten it)."""
+    prelude = (LUA / "prelude.lua").read_text()
+    for name, value in {"TRANSITIONS": _lua_transitions(), "WORKER_TTL": worker_ttl,
+                        "TOMBSTONE_MS": int(TOMBSTONE_TTL * 1000), "MARGIN": MARGIN}.items():
+        prelude = prelude.replace("{{" + name + "}}", str(value))
+    return {path.stem: client.register_script(prelude + path.read_text())
+            for path in sorted(LUA.glob("*.lua")) if path.stem != "prelude"}
+
+
+def _lua_transitions() -> str:
+    """TRANSITIONS as a Lua table: {queued = {picked = true, ...}, ...}."""
+    rows = (f"{state} = {{{', '.join(f'{to} = true' for to in sorted(targets))}}}"
+            for state, targets in TRANSITIONS.items())
+    return "{" + ", ".join(rows) + "}"
