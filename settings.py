@@ -31,6 +31,9 @@ DEFAULTS = {
     # Every Redis key the bus makes starts with this (several deployments, or
     # test runs, may share one Redis).
     "REDIS_PREFIX": "switchboard:",
+    # Redis connections per worker process (one of them is the pub/sub
+    # listener); a request waits at most 2 s for a free one, then 503.
+    "REDIS_MAX_CONNECTIONS": 64,
 }
 
 

@@ -102,15 +102,22 @@ class RedisTaskBus(TaskBus):
         self._threads: list[threading.Thread] = []
 
     @classmethod
-    def from_config(cls, config):
+    def from_url(cls, url: str, *, max_connections: int = 64, **kwargs) -> "RedisTaskBus":
+        """A bus on a bounded pool (waiting for a connection is bounded too). No
+        automatic retries: a script whose reply was lost may have run."""
         pool = redis.BlockingConnectionPool.from_url(
-            config["REDIS_URL"], max_connections=int(config.get("REDIS_MAX_CONNECTIONS", 64)),
-            timeout=POOL_TIMEOUT, socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=HEALTH_CHECK_INTERVAL,
-            decode_responses=True)
-        return cls(redis.Redis(connection_pool=pool), prefix=config["REDIS_PREFIX"],
-                   session_liveness=float(config["SESSION_LIVENESS"]),
-                   drop_memory=float(config["POLL_WAIT_MAX"]) + MARGIN)
+            url, max_connections=max_connections, timeout=POOL_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_INTERVAL, decode_responses=True)
+        return cls(redis.Redis(connection_pool=pool), **kwargs)
+
+    @classmethod
+    def from_config(cls, config) -> "RedisTaskBus":
+        return cls.from_url(config["REDIS_URL"],
+                            max_connections=int(config["REDIS_MAX_CONNECTIONS"]),
+                            prefix=config["REDIS_PREFIX"],
+                            session_liveness=float(config["SESSION_LIVENESS"]),
+                            drop_memory=float(config["POLL_WAIT_MAX"]) + MARGIN)
 
     # -- client side -------------------------------------------------------
 

@@ -1,8 +1,6 @@
 """Task buses for the bus's own tests: `Buses` makes memory buses, or Redis
 buses that share one key prefix (each one a "worker"), and checks at the end
 that nothing is left behind: no local entry, and no Redis key without a TTL."""
-import redis
-
 from services.bus.memory import MemoryTaskBus
 from services.bus.redis import RedisTaskBus
 from tests.support import stack
@@ -21,9 +19,7 @@ class Buses:
         if self.kind == "memory":
             bus = MemoryTaskBus(**options)
         else:
-            client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2,
-                                          socket_connect_timeout=1)
-            bus = RedisTaskBus(client, prefix=self.prefix, **options)
+            bus = RedisTaskBus.from_url(url, prefix=self.prefix, **options)
         self.made.append(bus)
         return bus
 

@@ -37,6 +37,7 @@ class ProtocolPublisher:
         self.http.trust_env = False
         self.tasks_seen = []
         self.cancels = []
+        self.poll_errors = []
         self._stopping = threading.Event()
         self._thread = None
 
@@ -84,10 +85,10 @@ class ProtocolPublisher:
         while not self._stopping.is_set():
             try:
                 tasks = self.poll(wait=1.0)
-            except requests.RequestException:
-                if self._stopping.is_set():
-                    return
-                raise
+            except requests.RequestException as exc:  # a server outage: poll again shortly
+                self.poll_errors.append(exc)
+                self._stopping.wait(0.2)
+                continue
             for task in tasks:
                 self.tasks_seen.append(task)
                 if task["kind"] == "cancel":

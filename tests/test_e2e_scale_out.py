@@ -1,0 +1,255 @@
+"""Scale-out end to end: real gunicorn servers with two gevent workers each,
+sharing the stack's database and one Redis, as hosts behind nginx do.
+
+- two hosts: a client on one, the publisher on the other;
+- Redis going away and coming back under a running server;
+- a worker killed with SIGKILL in the middle of traffic.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import requests
+
+from bench.server import child_pids
+from tests.support import stack
+from tests.support.protocol_publisher import ProtocolPublisher
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_until
+
+pytestmark = stack.only_on(bus="redis")
+
+SETTINGS = {"SWITCHBOARD_TASK_PICKUP_TIMEOUT": "5", "SWITCHBOARD_STREAM_KEEPALIVE": "0.5",
+            "SWITCHBOARD_WAKE_TIMEOUT": "5", "SWITCHBOARD_SESSION_LIVENESS": "5",
+            "SWITCHBOARD_MAX_PENDING_PER_LLM": "3"}
+ASK = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def infer(server, name, body=ASK, **kwargs):
+    return requests.post(f"{server.url}/api/v1/llms/{name}/infer", json=body,
+                         headers=server.headers("client"), timeout=kwargs.pop("timeout", 30),
+                         **kwargs)
+
+
+def data_events(response):
+    return [line[6:].decode() for line in response.iter_lines() if line.startswith(b"data: ")]
+
+
+# -- two hosts ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hosts(module_live_server_factory):
+    first = module_live_server_factory(SETTINGS)
+    second = module_live_server_factory(SETTINGS, share_with=first)
+    return first, second
+
+
+@pytest.fixture
+def publish(hosts):
+    """publish(name, handler=None, **llm) → a publisher on the *second* host."""
+    started = []
+
+    def start(name, handler=None, **llm):
+        args = {"handler": handler} if handler else {}
+        publisher = ProtocolPublisher(hosts[1], [{"name": name, "model": f"{name}-model", **llm}],
+                                      **args).start()
+        started.append(publisher)
+        return publisher
+
+    yield start
+    for publisher in started:
+        publisher.stop()
+
+
+def test_a_client_on_one_host_is_answered_by_a_publisher_polling_the_other(hosts, publish):
+    publish("across")
+    response = infer(hosts[0], "across")
+    assert response.status_code == 200
+    assert response.json()["echo"]["model"] == "across-model"
+
+
+def test_a_stream_crosses_hosts_chunk_by_chunk_with_one_done(hosts, publish):
+    def stream(publisher, task):
+        words = [json.dumps({"choices": [{"delta": {"content": w}}]}) for w in ("a", "b", "c")]
+        for seq, word in enumerate(words):
+            publisher.chunks(task["task_id"], [word], seq=seq)
+        publisher.chunks(task["task_id"], ["[DONE]"], seq=3)
+
+    publish("streams-across", stream)
+    response = infer(hosts[0], "streams-across", {**ASK, "stream": True}, stream=True)
+    events = data_events(response)
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == ["a", "b", "c"]
+    assert events[-1] == "[DONE]"
+
+
+def test_a_client_leaving_on_one_host_cancels_the_task_at_the_other(hosts, publish):
+    release = threading.Event()
+    publisher = publish("walks-away", lambda p, t: release.wait(10))
+    with pytest.raises(requests.Timeout):
+        infer(hosts[0], "walks-away", timeout=0.5)
+    wait_until(lambda: publisher.cancels, timeout=8, message="the cancel reached the publisher")
+    release.set()
+    assert len(publisher.cancels) == 1
+
+
+def test_requests_on_both_hosts_share_one_wake(hosts, publish):
+    kinds = []
+
+    def handler(publisher, task):
+        kinds.append(task["kind"])
+        if task["kind"] == "wake":
+            wait_until(lambda: _waiting_on(hosts[0], "sleepy") >= 3, message="all three wait")
+        publisher.result(task["task_id"], status=200, body={"kind": task["kind"]})
+
+    publish("sleepy", handler, initial_status="hibernating")
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda host: infer(host, "sleepy"),
+                                  [hosts[0], hosts[1], hosts[0]]))
+    assert [r.status_code for r in responses] == [200] * 3
+    assert sorted(kinds) == ["infer"] * 3 + ["wake"]
+
+
+def test_the_pending_limit_counts_requests_on_every_host(hosts, publish):
+    release = threading.Event()
+    publish("crowded", lambda p, t: (release.wait(10),
+                                     p.result(t["task_id"], status=200, body={})))
+    with ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(infer, host, "crowded") for host in (hosts[0], hosts[1], hosts[0])]
+        wait_until(lambda: _waiting_on(hosts[0], "crowded") == 3, message="three requests wait")
+        refused = [infer(host, "crowded") for host in hosts]
+        release.set()
+        assert [f.result(15).status_code for f in held] == [200] * 3
+    assert [r.status_code for r in refused] == [429, 429]
+    assert all(r.headers["Retry-After"] for r in refused)
+
+
+def _redis(server) -> redis.Redis:
+    return redis.Redis.from_url(server.bus_settings["REDIS_URL"], decode_responses=True)
+
+
+def _waiting_on(server, llm) -> int:
+    """Requests counted against the LLM's pending limit, by every worker (read from Redis)."""
+    client = _redis(server)
+    try:
+        return client.hlen(f"{server.redis_prefix}n:{llm}")
+    finally:
+        client.close()
+
+
+# -- Redis going away ----------------------------------------------------------------
+
+@pytest.fixture
+def proxied_server(live_server_factory):
+    target = urlsplit(stack.REDIS_URL)
+    proxy = TcpProxy(target.hostname, target.port or 6379).start()
+    url = target._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
+    server = live_server_factory({**SETTINGS, "REDIS_URL": url})
+    yield server, proxy
+    proxy.stop()
+
+
+def test_while_redis_is_away_requests_get_503_and_the_server_recovers_by_itself(proxied_server):
+    server, proxy = proxied_server
+    publisher = ProtocolPublisher(server, [{"name": "weathered", "model": "m"}]).start()
+    assert infer(server, "weathered").status_code == 200
+    proxy.cut()
+    response = infer(server, "weathered", timeout=15)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "bus_unavailable"
+    assert response.headers["Retry-After"] == "1"
+    ready = requests.get(f"{server.url}/readyz", timeout=15)
+    assert (ready.status_code, ready.json()["checks"]) == (503, {"database": "ok", "bus": "fail"})
+    assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    # The commands never need Redis.
+    assert server.flask("gc-sweep", "--json").returncode == 0
+    assert "client" in server.flask("tokens", "list").stdout
+    proxy.restore()
+    wait_until(lambda: requests.get(f"{server.url}/readyz", timeout=15).status_code == 200,
+               timeout=20, message="ready again")
+    wait_until(lambda: infer(server, "weathered").status_code == 200, timeout=20,
+               message="answers again, without a restart")
+    publisher.stop()
+
+
+def test_a_server_starts_while_redis_is_down(live_server_factory):
+    from tests.support.live import free_port
+
+    server = live_server_factory({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    response = requests.post(f"{server.url}/api/v1/publishers/register",
+                             headers=server.headers("publisher"),
+                             json={"llms": [{"name": "x", "type": "openai", "model": "m"}]},
+                             timeout=15)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "bus_unavailable"
+
+
+# -- a worker killed mid-traffic ---------------------------------------------------------
+
+def test_a_worker_killed_mid_traffic_loses_only_its_requests(live_server_factory):
+    limit = 12
+    server = live_server_factory({**SETTINGS, "SWITCHBOARD_MAX_PENDING_PER_LLM": str(limit),
+                                  "SWITCHBOARD_TASK_PICKUP_TIMEOUT": "20"})
+    answer = threading.Event()
+    posted = []
+
+    def handler(publisher, task):
+        answer.wait(30)
+        posted.append(publisher.result(task["task_id"], status=200, body={"ok": True}).status_code)
+
+    publisher = ProtocolPublisher(server, [{"name": "steady", "model": "m"}], handler).start()
+    assert len(child_pids(server.process.pid)) == 2
+    with ThreadPoolExecutor(limit) as pool:
+        # Requests until both workers hold some (the kernel picks the worker).
+        pending = []
+        while len(pending) < 4 or len(set(holders)) < 2:
+            assert len(pending) < limit, "every request landed on one worker"
+            pending.append(pool.submit(_infer_or_error, server, "steady"))
+            holders = wait_until(lambda: _holding_pids(server, "steady", len(pending)),
+                                 timeout=10, message="the request waits")
+        victim = max(set(holders), key=holders.count)
+        lost = holders.count(victim)
+        os.kill(victim, signal.SIGKILL)
+        # Once its lease lapses, its tasks are over for the publisher: answers get 410.
+        wait_until(lambda: _holding_pids(server, "steady", len(pending) - lost), timeout=20,
+                   message="the dead worker's requests no longer count")
+        answer.set()
+        results = [future.result(30) for future in pending]
+    assert results.count(200) == len(pending) - lost
+    assert results.count("connection lost") == lost
+    wait_until(lambda: len(posted) == len(pending), message="the publisher answered every task")
+    assert sorted(posted) == sorted([200] * (len(pending) - lost) + [410] * lost)
+    # Nothing is stuck: gunicorn replaced the worker, and the limit's worth fits again.
+    wait_until(lambda: len(child_pids(server.process.pid)) == 2, message="a new worker")
+    publisher.handler = lambda p, t: p.result(t["task_id"], status=200, body={"again": True})
+    with ThreadPoolExecutor(limit) as pool:
+        again = list(pool.map(lambda _: infer(server, "steady"), range(limit)))
+    assert [r.status_code for r in again] == [200] * limit
+    publisher.stop()
+
+
+def _infer_or_error(server, name):
+    try:
+        return infer(server, name).status_code
+    except requests.ConnectionError:
+        return "connection lost"
+
+
+def _holding_pids(server, llm, count):
+    """The worker pid of each request counted at the LLM (its lease, read from Redis)
+    by a live worker, once there are `count` of them."""
+    client = _redis(server)
+    try:
+        workers = client.hvals(f"{server.redis_prefix}n:{llm}")
+        alive = {w for w in workers if (client.zscore(f"{server.redis_prefix}workers", w) or 0)
+                 > time.time()}
+    finally:
+        client.close()
+    pids = [int(w.split(":")[1]) for w in workers if w in alive]
+    return pids if len(pids) == count else None
