@@ -13,7 +13,11 @@ Targets (2-core machine), per scenario: `switchboard` (a public LLM) adds
 <= 1.5 ms p50 at c=1 and keeps >= 6% of direct's throughput at c=16; `relay`
 (a virtual LLM through a long-polling publisher) adds <= 4 ms p50 at c=1, a
 stream's first chunk comes <= 5 ms later than direct's, and it keeps >= 3%
-of direct's throughput at c=16.
+of direct's throughput at c=16. The scale-out scenarios (`switchboard-2w`,
+`relay-2w`: two workers on PostgreSQL + Redis) add <= 3 ms p50 at c=1 over
+their one-worker memory-bus figure, and `switchboard-2w` serves >= 1.3x the
+one-worker public throughput at c=16. PostgreSQL and Redis must answer on
+localhost (tests/support/services.sh starts them).
 """
 import argparse
 import json
@@ -51,7 +55,7 @@ class Cell:
 
 
 def run(args) -> list[Cell]:
-    ctx = BenchContext()
+    ctx = BenchContext(scale_out_db=args.scale_out_db, workers=args.workers)
     scenarios = [SCENARIOS[name]() for name in args.scenarios]
     cells = []
     try:
@@ -125,6 +129,25 @@ def verdicts(cells: list[Cell]) -> list[str]:
             ratio = cell.result.throughput / base.throughput
             out.append(_verdict(f"{label}: throughput at c=16, of direct", 100 * ratio,
                                 100 * targets["throughput_ratio"], "%", at_least=True))
+        out += _verdicts_over(cell, cells, targets, label)
+    return out
+
+
+def _verdicts_over(cell, cells, targets, label):
+    """A scale-out scenario against the one-worker scenario it names in `over`."""
+    other = next((c for c in cells if c.scenario == targets.get("over")
+                  and (c.mode, c.concurrency) == (cell.mode, cell.concurrency)), None)
+    if other is None:
+        return []
+    out = []
+    if cell.concurrency == 1 and "added_p50_ms_over" in targets:
+        added = cell.result.percentile(50) - other.result.percentile(50)
+        out.append(_verdict(f"{label}: p50 at c=1 over {other.scenario}", added,
+                            targets["added_p50_ms_over"], "ms"))
+    if cell.concurrency == 16 and "throughput_over" in targets:
+        ratio = cell.result.throughput / other.result.throughput
+        out.append(_verdict(f"{label}: throughput at c=16, of {other.scenario}", ratio,
+                            targets["throughput_over"], "x", at_least=True))
     return out
 
 
@@ -149,6 +172,10 @@ def parse_args(argv=None):
                         help="comma-separated: plain,stream (default both)")
     parser.add_argument("--scenarios", type=csv(str), default=list(SCENARIOS),
                         help=f"comma-separated, of {', '.join(SCENARIOS)} (default all)")
+    parser.add_argument("--scale-out-db", choices=["postgres", "sqlite"], default="postgres",
+                        help="the database of the *-2w scenarios (default postgres)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="gunicorn workers of the *-2w scenarios (default 2)")
     parser.add_argument("--max-requests", type=int, default=200_000,
                         help="cap on requests per cell (default 200000)")
     args = parser.parse_args(argv)

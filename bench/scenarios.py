@@ -53,16 +53,17 @@ class SwitchboardPublic(Scenario):
     description = "a public LLM through Switchboard's /api/v1/llms/<name>/infer"
     targets = {"added_p50_ms": 1.5, "throughput_ratio": 0.06}
     llm = "bench-public"
+    bus = "memory"
 
     def prepare(self, ctx):
-        ctx.register_public_llm(self.llm, ctx.upstream.url)
+        ctx.register_public_llm(self.llm, ctx.upstream.url, self.bus)
 
     def endpoint(self, ctx):
-        server = ctx.switchboard()
+        server = ctx.switchboard(self.bus)
         return f"{server.url}/api/v1/llms/{self.llm}/infer", server.headers("client")
 
     def server_pids(self, ctx):
-        return child_pids(ctx.switchboard().process.pid)  # the gunicorn worker
+        return child_pids(ctx.switchboard(self.bus).process.pid)  # the gunicorn workers
 
 
 class Relay(Scenario):
@@ -71,12 +72,13 @@ class Relay(Scenario):
                    "loopback (bench/relay_publisher.py), which asks the fake upstream")
     targets = {"added_p50_ms": 4.0, "ttfc_ms": 5.0, "throughput_ratio": 0.03}
     llm = "bench-relay"
+    bus = "memory"
 
     def __init__(self):
         self.publisher = None
 
     def prepare(self, ctx):
-        server = ctx.switchboard()
+        server = ctx.switchboard(self.bus)
         self.publisher = subprocess.Popen(
             [sys.executable, "-m", "bench.relay_publisher", "--server", server.url,
              "--token", server.tokens["publisher"], "--upstream", ctx.upstream.url,
@@ -87,11 +89,11 @@ class Relay(Scenario):
             raise RuntimeError(f"the relay publisher did not start: {line!r}")
 
     def endpoint(self, ctx):
-        server = ctx.switchboard()
+        server = ctx.switchboard(self.bus)
         return f"{server.url}/api/v1/llms/{self.llm}/infer", server.headers("client")
 
     def server_pids(self, ctx):
-        return child_pids(ctx.switchboard().process.pid)
+        return child_pids(ctx.switchboard(self.bus).process.pid)
 
     def close(self):
         if self.publisher is not None and self.publisher.poll() is None:
@@ -99,5 +101,22 @@ class Relay(Scenario):
             self.publisher.wait(5)
 
 
-SCENARIOS = {scenario.name: scenario for scenario in (Direct, SwitchboardPublic, Relay)}
+# Scale-out: the same on two workers, PostgreSQL and Redis, judged against the
+# one-worker memory-bus figures of the same run: `over` names that scenario.
+class SwitchboardPublicScaledOut(SwitchboardPublic):
+    name = "switchboard-2w"
+    description = "a public LLM, two workers on PostgreSQL + Redis"
+    targets = {"over": "switchboard", "added_p50_ms_over": 3.0, "throughput_over": 1.3}
+    bus = "redis"
+
+
+class RelayScaledOut(Relay):
+    name = "relay-2w"
+    description = "a virtual LLM, two workers on PostgreSQL + Redis"
+    targets = {"over": "relay", "added_p50_ms_over": 3.0}
+    bus = "redis"
+
+
+SCENARIOS = {scenario.name: scenario for scenario in (
+    Direct, SwitchboardPublic, Relay, SwitchboardPublicScaledOut, RelayScaledOut)}
 BASELINE = Direct.name

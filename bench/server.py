@@ -1,5 +1,6 @@
 """The processes a bench run needs: the fake upstream and Switchboard itself
-(gunicorn + gevent, one worker, a temp SQLite file; see tests/support/live.py)."""
+(gunicorn + gevent: one worker on a temp SQLite file and the memory bus, or
+several on PostgreSQL and Redis; see tests/support/live.py)."""
 import os
 import subprocess
 import sys
@@ -59,25 +60,36 @@ class FakeUpstream:
 
 
 class BenchContext:
-    """What scenarios share: a work directory, the fake upstream, and one
-    Switchboard started on first use."""
+    """What scenarios share: a work directory, the fake upstream, and the
+    Switchboards started on first use: `memory` (one worker, SQLite, the
+    in-memory bus) and `redis` (WEB_CONCURRENCY workers on `scale_out_db` and
+    Redis: the scale-out configuration)."""
 
-    def __init__(self, server_env: dict | None = None):
+    def __init__(self, server_env: dict | None = None, scale_out_db: str = "postgres",
+                 workers: int = 2):
         self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-bench-")
         self.workdir = Path(self._tmp.name)
         self.server_env = server_env or {}
+        self.scale_out_db = scale_out_db
+        self.workers = workers
         self.upstream = FakeUpstream()
-        self._switchboard: LiveServer | None = None
+        self._switchboards: dict[str, LiveServer] = {}
         self.http = requests.Session()
         self.http.trust_env = False
 
-    def switchboard(self) -> LiveServer:
-        if self._switchboard is None:
-            self._switchboard = start_server(self.workdir, self.server_env)
-        return self._switchboard
+    def switchboard(self, bus: str = "memory") -> LiveServer:
+        if bus not in self._switchboards:
+            if bus == "memory":
+                server = start_server(self.workdir, self.server_env, db="sqlite", bus="memory")
+            else:
+                server = start_server(self.workdir,
+                                      {**self.server_env, "WEB_CONCURRENCY": str(self.workers)},
+                                      db=self.scale_out_db, bus="redis")
+            self._switchboards[bus] = server
+        return self._switchboards[bus]
 
-    def register_public_llm(self, name: str, url: str) -> None:
-        server = self.switchboard()
+    def register_public_llm(self, name: str, url: str, bus: str = "memory") -> None:
+        server = self.switchboard(bus)
         response = self.http.post(f"{server.url}/api/v1/llms", headers=server.headers("admin"),
                                   json={"name": name, "model": "bench-model", "url": url,
                                         "api_key": "sk-bench"}, timeout=10)
@@ -85,8 +97,9 @@ class BenchContext:
 
     def close(self):
         self.http.close()
-        if self._switchboard is not None:
-            self._switchboard.stop()
+        for server in self._switchboards.values():
+            server.stop()
+            server.clean_up()
         self.upstream.stop()
         time.sleep(0.05)
         self._tmp.cleanup()

@@ -145,15 +145,17 @@ def create_tokens(env: dict) -> dict:
     return tokens
 
 
-def start_server(tmp_path, env=None, *, share_with: LiveServer | None = None) -> LiveServer:
+def start_server(tmp_path, env=None, *, share_with: LiveServer | None = None,
+                 db: str | None = None, bus: str | None = None) -> LiveServer:
     """Migrate a new database, create the tokens and start gunicorn; return
     once `/healthz` answers. With `share_with`, the new server uses that
-    server's database, bus and tokens instead, as a second host would.
+    server's database, bus and tokens instead, as a second host would. `db`
+    and `bus` choose a stack other than the test run's (benchmarks).
     Raises ServerStartError with the log's tail."""
     tmp_path = Path(tmp_path)
     port = free_port()
     if share_with is None:
-        db_url, bus_settings = stack.empty_database(tmp_path), stack.bus_settings()
+        db_url, bus_settings = stack.empty_database(tmp_path, db), stack.bus_settings(bus)
     else:
         db_url, bus_settings = share_with.db_url, share_with.bus_settings
     full_env = server_env(db_url, port, {**stack.bus_environment(bus_settings), **(env or {})})

@@ -25,7 +25,7 @@ PG_URL = os.environ.get("SWITCHBOARD_TEST_PG_URL",
                         "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # Live servers on Redis run several workers: requests and polls land on any.
-LIVE_WORKERS = 2 if BUS == "redis" else 1
+LIVE_WORKERS = 2
 
 if DB not in ("sqlite", "postgres") or BUS not in ("memory", "redis"):
     raise RuntimeError(f"unknown test stack {DB}+{BUS}: SWITCHBOARD_TEST_DB is sqlite|postgres, "
@@ -58,9 +58,10 @@ def _pg_url(name: str) -> str:
     return f"{base}/{name}"
 
 
-def empty_database(directory: Path) -> str:
-    """The URL (as DATABASE_URL takes it) of a new, empty database."""
-    if DB == "sqlite":
+def empty_database(directory: Path, db: str | None = None) -> str:
+    """The URL (as DATABASE_URL takes it) of a new, empty database (of `db`,
+    default this run's)."""
+    if (db or DB) == "sqlite":
         return f"sqlite:///{Path(directory) / (unique_name('db') + '.db')}"
     name = unique_name("db")
     with _pg_admin() as conn:
@@ -70,7 +71,7 @@ def empty_database(directory: Path) -> str:
 
 def copy_database(template_url: str, directory: Path) -> str:
     """A new database holding what `template_url` holds (nobody may be connected to it)."""
-    if DB == "sqlite":
+    if template_url.startswith("sqlite"):
         path = Path(directory) / (unique_name("db") + ".db")
         shutil.copy(template_url.removeprefix("sqlite:///"), path)
         return f"sqlite:///{path}"
@@ -82,7 +83,7 @@ def copy_database(template_url: str, directory: Path) -> str:
 
 
 def drop_database(url: str) -> None:
-    if DB == "sqlite":
+    if url.startswith("sqlite"):
         return  # the file goes with pytest's tmp_path
     with _pg_admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{url.rpartition("/")[2]}" WITH (FORCE)')
@@ -101,9 +102,10 @@ def drop_run_databases() -> None:
 
 # -- the bus --------------------------------------------------------------------
 
-def bus_settings() -> dict:
-    """App config for this stack's bus: a Redis key prefix of its own, or nothing."""
-    if BUS == "memory":
+def bus_settings(bus: str | None = None) -> dict:
+    """App config for a bus (default this run's): a Redis key prefix of its
+    own, or nothing for the memory bus."""
+    if (bus or BUS) == "memory":
         return {}
     return {"REDIS_URL": REDIS_URL, "REDIS_PREFIX": f"{unique_name('r')}:"}
 
