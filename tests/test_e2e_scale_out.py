@@ -129,6 +129,23 @@ def test_the_pending_limit_counts_requests_on_every_host(hosts, publish):
     assert all(r.headers["Retry-After"] for r in refused)
 
 
+def test_the_pending_limit_counts_public_llm_calls_on_every_host(hosts, fake_openai):
+    first, second = hosts
+    created = requests.post(f"{first.url}/api/v1/llms", headers=first.headers("admin"),
+                            json={"name": "public-crowd", "type": "openai", "model": "m",
+                                  "url": fake_openai.url}, timeout=10)
+    assert created.status_code == 201
+    for _ in range(3):
+        fake_openai.script(body={"object": "chat.completion", "choices": []}, delay=2.0)
+    with ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(infer, host, "public-crowd") for host in (first, second, first)]
+        wait_until(lambda: _waiting_on(first, "public-crowd") == 3, message="three calls out")
+        refused = [infer(host, "public-crowd") for host in hosts]
+        assert [f.result(15).status_code for f in held] == [200] * 3
+    assert [r.status_code for r in refused] == [429, 429]
+    assert _waiting_on(first, "public-crowd") == 0  # every slot was given back
+
+
 def _redis(server) -> redis.Redis:
     return redis.Redis.from_url(server.bus_settings["REDIS_URL"], decode_responses=True)
 
