@@ -297,6 +297,29 @@ def test_the_bus_recovers_by_itself_when_redis_comes_back(buses, proxy):
     other.release(task_id)
 
 
+def test_a_listener_that_hears_nothing_reconnects_and_wakes_its_waiters(buses, proxy):
+    bus = buses.make(url=proxied_url(proxy), silence_timeout=1.0, socket_timeout=1.0)
+    other = buses.make()
+
+    def publisher():  # polls again after a failed poll, as publishers do
+        while True:
+            try:
+                if tasks := bus.poll(SID, wait=20):
+                    return tasks
+            except Unavailable:
+                pass
+
+    poller, box = in_background(publisher)
+    wait_until(lambda: bus.is_live(SID) and _listening(bus), message="polling and subscribed")
+    proxy.blackhole()  # its connections go quiet for good, without closing
+    task_id = other.submit(SID, dict(INFER), **ARGS)  # so its notification is lost
+    started = time.monotonic()
+    poller.join(20)
+    assert [t["task_id"] for t in box["value"]] == [task_id]
+    assert time.monotonic() - started < 8  # not the poll's 20 s: the listener came back
+    other.release(task_id)
+
+
 def _answers(bus) -> bool:
     try:
         bus.ping()

@@ -50,6 +50,7 @@ LEASE_TTL = 60.0         # an LLM's lease hash lives this long past its last ren
 MARGIN = 60.0            # a task's keys outlive its deadlines by this much
 CLOCK_SLACK = 0.002      # wake just after a deadline, not just before it
 LISTEN_TICK = 1.0
+SILENCE_TIMEOUT = 10.0   # a listener that heard nothing (not even its heartbeat) reconnects
 RECONNECT_BACKOFF = (0.1, 5.0)
 MAX_RETRIED_RELEASES = 10_000
 SOCKET_TIMEOUT = 5.0
@@ -62,6 +63,9 @@ UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 UNSERVABLE_REPLIES = ("OOM", "MASTERDOWN", "READONLY", "LOADING", "BUSY", "NOREPLICAS")
 
 LUA = Path(__file__).with_name("lua")
+_KEEPALIVE = {option: value for option, value in (
+    (getattr(socket, "TCP_KEEPIDLE", None), 30), (getattr(socket, "TCP_KEEPINTVL", None), 10),
+    (getattr(socket, "TCP_KEEPCNT", None), 3)) if option is not None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +84,8 @@ class _View:
 
 class RedisTaskBus(TaskBus):
     def __init__(self, client: redis.Redis, *, prefix="switchboard:", session_liveness=10.0,
-                 drop_memory=90.0, worker_ttl=WORKER_TTL, clock=time.time):
+                 drop_memory=90.0, worker_ttl=WORKER_TTL, silence_timeout=SILENCE_TIMEOUT,
+                 clock=time.time):
         self.client = client
         self.prefix = prefix
         self.session_liveness = session_liveness
@@ -88,6 +93,7 @@ class RedisTaskBus(TaskBus):
         self.clock = clock
         self.worker_id = None
         self.worker_ttl = worker_ttl
+        self.silence_timeout = silence_timeout
         self._scripts = _load_scripts(client, worker_ttl)
         self._waiters = Waiters()
         self._lock = threading.Lock()
@@ -102,13 +108,16 @@ class RedisTaskBus(TaskBus):
         self._threads: list[threading.Thread] = []
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int = 64, **kwargs) -> "RedisTaskBus":
+    def from_url(cls, url: str, *, max_connections: int = 64, socket_timeout=SOCKET_TIMEOUT,
+                 **kwargs) -> "RedisTaskBus":
         """A bus on a bounded pool (waiting for a connection is bounded too). No
         automatic retries: a script whose reply was lost may have run."""
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=POOL_TIMEOUT,
-            socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
-            health_check_interval=HEALTH_CHECK_INTERVAL, decode_responses=True)
+            socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT,
+            health_check_interval=HEALTH_CHECK_INTERVAL, decode_responses=True,
+            # Keep NATs and firewalls from forgetting idle connections.
+            socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
         return cls(redis.Redis(connection_pool=pool), **kwargs)
 
     @classmethod
@@ -389,17 +398,23 @@ class RedisTaskBus(TaskBus):
 
     def _listen(self):
         """Fan this worker's channel out to local waiters; resubscribe after an
-        outage and wake everyone to look again (messages sent meanwhile are lost)."""
+        outage and wake everyone to look again (messages sent meanwhile are lost).
+        The heartbeat publishes to the channel too: a connection that hears
+        nothing for `silence_timeout` is dead however quiet the socket is."""
         channel = self._channel()
         backoff = RECONNECT_BACKOFF[0]
         while not self._stopping.is_set():
             pubsub = self.client.pubsub()
+            heard = time.monotonic()
             try:
                 pubsub.subscribe(channel)
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=LISTEN_TICK)
                     if message is None:
+                        if time.monotonic() - heard > self.silence_timeout:
+                            raise redis.ConnectionError("the pub/sub connection went silent")
                         continue
+                    heard = time.monotonic()
                     if message["type"] == "message":
                         self._waiters.notify(message["data"])
                     elif message["type"] == "subscribe":

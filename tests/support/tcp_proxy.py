@@ -1,6 +1,8 @@
 """A loopback TCP proxy that a test can cut and restore: Redis "goes away"
 and "comes back" for the code under test while the real Redis keeps running
-for everyone else."""
+for everyone else. `blackhole()` is the nastier failure: the open connections
+stay open but every byte on them is dropped from then on, while new ones work
+(a NAT or firewall that forgot its idle connections)."""
 import socket
 import threading
 
@@ -12,6 +14,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._threads: list[threading.Thread] = []
+        self._blackholed: set[socket.socket] = set()
         self.port = None
 
     def start(self) -> "TcpProxy":
@@ -35,6 +38,12 @@ class TcpProxy:
 
     def restore(self) -> None:
         self._listen()
+
+    def blackhole(self) -> None:
+        """Drop whatever crosses the connections open now, for good; never close them."""
+        with self._lock:
+            for pair in self._pairs:
+                self._blackholed.update(pair)
 
     def stop(self) -> None:
         self.cut()
@@ -67,6 +76,7 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # an idle connection stays open, as through a real network
             with self._lock:
                 if self._listener is not listener:
                     client.close()
@@ -76,11 +86,11 @@ class TcpProxy:
             self._spawn(self._pipe, client, upstream)
             self._spawn(self._pipe, upstream, client)
 
-    @staticmethod
-    def _pipe(source, sink):
+    def _pipe(self, source, sink):
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if source not in self._blackholed:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
