@@ -169,6 +169,24 @@ def test_sdk_lists_models_by_llm_name(sdk, llm):
     assert llm in [model.id for model in sdk.models.list()]
 
 
+def test_sdk_retrieves_a_model_by_llm_name(sdk, llm):
+    model = sdk.models.retrieve(llm)
+    assert (model.id, model.object, model.owned_by) == (llm, "model", "public")
+
+
+def test_sdk_retrieving_an_unknown_model_raises_not_found_pointing_at_the_list(sdk):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("no-such-llm")
+    assert "GET /v1/models lists the models you can use" in str(caught.value)
+
+
+def test_sdk_calling_an_endpoint_we_do_not_serve_names_the_ones_we_do(sdk):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.embeddings.create(model="fake-gpt", input="hi")
+    assert caught.value.body["code"] == "unsupported_endpoint"
+    assert "POST /v1/chat/completions" in caught.value.body["message"]
+
+
 def test_sdk_creates_a_chat_completion(sdk, fake, llm):
     completion = sdk.chat.completions.create(
         model=llm, messages=[{"role": "user", "content": "ping pong"}], temperature=0.1)
