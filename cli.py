@@ -1,4 +1,5 @@
 """`flask tokens ...` and `flask gc-sweep`."""
+import functools
 import json
 
 import click
@@ -13,9 +14,21 @@ from services.errors import ServiceError
 tokens_cli = AppGroup("tokens", help="Create, list and revoke API tokens.")
 
 
+def migrated(command):
+    """Refuse, saying what to do, on a database `flask db upgrade` has not built."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        problem = current_app.extensions["schema_check"].problem(db.session.connection())
+        if problem is not None:
+            raise click.ClickException(problem)
+        return command(*args, **kwargs)
+    return wrapper
+
+
 @tokens_cli.command("create")
 @click.argument("name")
 @click.option("--role", required=True, type=click.Choice([r.value for r in Role]))
+@migrated
 def create_token(name, role):
     """Create a token and print it alone on stdout (it is never shown again)."""
     raw = _run(tokens.create_token, db.session, name, role)
@@ -24,6 +37,7 @@ def create_token(name, role):
 
 
 @tokens_cli.command("list")
+@migrated
 def list_tokens():
     """List tokens (never the tokens themselves)."""
     for token in tokens.list_tokens(db.session):
@@ -35,6 +49,7 @@ def list_tokens():
 
 @tokens_cli.command("revoke")
 @click.argument("name")
+@migrated
 def revoke_token(name):
     """Revoke a token by name; requests with it then get 401."""
     _run(tokens.revoke_token, db.session, name, utcnow())
@@ -43,6 +58,7 @@ def revoke_token(name):
 
 
 @tokens_cli.command("bootstrap")
+@migrated
 def bootstrap_token():
     """Create and print an admin token named `admin` if no active admin token exists."""
     raw = _run(tokens.bootstrap_admin, db.session)
@@ -67,6 +83,7 @@ def _run(operation, *args):
               help="Seconds an inactive virtual row is kept before deletion "
                    "(default: SWITCHBOARD_INACTIVE_RETENTION, 14400).")
 @with_appcontext
+@migrated
 def gc_sweep(as_json, heartbeat_timeout, retention):
     """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted;
     settle chat answers a killed worker left pending."""

@@ -3,12 +3,13 @@ import _socket
 import functools
 import os
 
-from flask import g, request
+from flask import current_app, g, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from extensions import db
 from models import utcnow
 from services import tokens
+from services.api_keys import ApiKeyCipher
 from services.errors import Forbidden, Invalid
 
 
@@ -33,6 +34,19 @@ PROTECTED_PREFIXES = ("/api/", "/v1/")
 
 def caller() -> tokens.Caller:
     return g.caller
+
+
+def api_key_cipher() -> ApiKeyCipher:
+    return current_app.extensions["api_key_cipher"]
+
+
+def require_migrated_schema():
+    """App-level `before_request` (the first): until the database is found
+    migrated once, every request but the health checks asks it, and gets a 503
+    saying to run `flask db upgrade` instead of a 500 from a missing table."""
+    check = current_app.extensions["schema_check"]
+    if not check.current and request.blueprint != "health":
+        check.require(db.session.connection())
 
 
 def require(*roles):

@@ -43,8 +43,11 @@ def get_llm(session, name: str) -> Llm:
     return rows.get_by_name(session, Llm, name, "LLM")
 
 
-def create_llm(session, data: dict) -> Llm:
-    """Insert a public LLM. Raises Conflict when the name is taken."""
+def create_llm(session, data: dict, cipher) -> Llm:
+    """Insert a public LLM, its API key encrypted with `cipher`. Raises
+    Conflict when the name is taken."""
+    data = dict(data)
+    data["api_key"] = cipher.encrypt(data.get("api_key"))
     llm = Llm(kind=Kind.PUBLIC, **data)
     session.add(llm)
     rows.flush_or_conflict(session, f"LLM name '{data['name']}' is taken")
@@ -52,11 +55,14 @@ def create_llm(session, data: dict) -> Llm:
     return llm
 
 
-def update_llm(session, name: str, data: dict) -> Llm:
-    """Apply a partial update. With `version`, the row must still be at that
-    version. Raises NotFound, Conflict (version mismatch)."""
+def update_llm(session, name: str, data: dict, cipher) -> Llm:
+    """Apply a partial update (a new API key encrypted with `cipher`). With
+    `version`, the row must still be at that version. Raises NotFound,
+    Conflict (version mismatch)."""
     llm = get_llm(session, name)
     data = dict(data)
+    if "api_key" in data:
+        data["api_key"] = cipher.encrypt(data["api_key"])
     rows.check_version(llm, data.pop("version", None), "LLM")
     for key, value in data.items():
         setattr(llm, key, value)

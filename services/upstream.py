@@ -17,6 +17,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from jsonio import dumps
+from services.api_keys import ApiKeyCipher
 from services.errors import BadGateway, envelope
 from services.inference import Reply, Target
 
@@ -34,12 +35,20 @@ MAX_TEMPLATES = 1024
 
 
 class Upstream:
-    def __init__(self, connect_timeout: float, read_timeout: float, stream_idle_timeout: float):
+    def __init__(self, connect_timeout: float, read_timeout: float, stream_idle_timeout: float,
+                 *, cipher: ApiKeyCipher):
+        """`cipher` decrypts the targets' stored API keys."""
+        self.cipher = cipher
         self.timeout = (connect_timeout, read_timeout)
         # For a stream the read timeout bounds the silence between two reads.
         self.stream_timeout = (connect_timeout, stream_idle_timeout)
         self.adapter = UpstreamAdapter(pool_connections=32, pool_maxsize=64, max_retries=0)
         self._templates: dict[str, requests.PreparedRequest] = {}
+
+    @classmethod
+    def from_config(cls, config) -> "Upstream":
+        return cls(float(config["UPSTREAM_CONNECT_TIMEOUT"]), float(config["INFER_TIMEOUT"]),
+                   float(config["STREAM_IDLE_TIMEOUT"]), cipher=ApiKeyCipher.from_config(config))
 
     def forward(self, target: Target, body: dict) -> Reply:
         """Send the chat-completions body upstream and return its reply as it is.
@@ -98,8 +107,9 @@ class Upstream:
         request = template.copy()
         request.body = data
         request.headers["Content-Length"] = str(len(data))
-        if target.api_key:
-            request.headers["Authorization"] = f"Bearer {target.api_key}"
+        api_key = self.cipher.decrypt(target.api_key, target.name)
+        if api_key:
+            request.headers["Authorization"] = f"Bearer {api_key}"
         return request
 
 

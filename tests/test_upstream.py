@@ -10,8 +10,10 @@ import time
 import pytest
 import requests
 import responses
+from cryptography.fernet import Fernet
 from responses import matchers
 
+from services.api_keys import ApiKeyCipher
 from services.bus.memory import MemoryTaskBus
 from services.errors import BadGateway
 from services.inference import Target
@@ -26,15 +28,21 @@ CHAT = {"model": "client-said", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"object": "chat.completion", "choices": [{"message": {"content": "yo"}}]}
 
 
+SECRET_KEY = Fernet.generate_key().decode()
+CIPHER = ApiKeyCipher(SECRET_KEY)
+
+
 def target(url=URL, api_key="sk-stored", model="row-model"):
+    """A public LLM's Target, its key as the database holds it (encrypted)."""
     fields = {f.name: None for f in dataclasses.fields(Target)}  # publisher-side ones stay None
     return Target(**{**fields, "name": "gpt-x", "kind": "public", "status": "active",
-                     "model": model, "url": url, "api_key": api_key})
+                     "model": model, "url": url, "api_key": CIPHER.encrypt(api_key)})
 
 
 @pytest.fixture
 def upstream():
-    return Upstream(connect_timeout=1.0, read_timeout=5.0, stream_idle_timeout=5.0)
+    return Upstream(connect_timeout=1.0, read_timeout=5.0, stream_idle_timeout=5.0,
+                    cipher=CIPHER)
 
 
 @pytest.fixture
@@ -67,7 +75,7 @@ def test_the_body_goes_to_the_urls_chat_completions_as_json(upstream, mocked):
 
 
 def test_the_relay_replaces_the_clients_model_with_the_rows(mocked):
-    relay = Relay.from_config(DEFAULTS, bus=MemoryTaskBus())
+    relay = Relay.from_config({**DEFAULTS, "API_KEY_SECRET": SECRET_KEY}, bus=MemoryTaskBus())
     body = {**CHAT, "seed": 7, "response_format": {"type": "json_object"}}
     mocked.post(COMPLETIONS, json=COMPLETION, match=[
         matchers.json_params_matcher({**body, "model": "row-model"})])
