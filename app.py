@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from flask import Blueprint, Flask
 
 import settings
-from extensions import db, migrate
+from extensions import cors, db, migrate
 from jsonio import OrjsonProvider
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,23 @@ def register_extensions(app):
     if uri.startswith("sqlite"):
         with app.app_context():
             sa.event.listen(db.engine, "connect", _sqlite_pragmas)
+    register_cors(app)
     app.extensions["schema_check"] = SchemaCheck(os.path.join(app.root_path, "migrations"))
     app.extensions["api_key_cipher"] = ApiKeyCipher.from_config(app.config)
     bus = app.extensions["task_bus"] = create_bus(app.config)
     app.extensions["relay"] = Relay.from_config(app.config, bus)
+
+
+def register_cors(app):
+    """Browsers may call /v1 and /api/v1 from SWITCHBOARD_CORS_ORIGINS only
+    (none by default); blueprints/common.refuse_foreign_preflight turns the
+    others' preflights away."""
+    origins = settings.cors_origins(app.config)
+    if origins:
+        cors.init_app(app, resources=[r"/v1/*", r"/api/v1/*"], origins=origins,
+                      allow_headers=["Authorization", "Content-Type"],
+                      methods=["GET", "POST", "PATCH", "DELETE"],
+                      expose_headers=["Retry-After"], max_age=600)
 
 
 def _create_private_sqlite_file(uri):
@@ -79,6 +92,7 @@ def register_blueprints(app):
                             prompts, publishers)
 
     app.before_request(common.require_migrated_schema)
+    app.before_request(common.refuse_foreign_preflight)
     api = Blueprint("api", __name__, url_prefix="/api/v1")
     api.before_request(common.authenticate_request)
     for child in (llms.bp, infer.bp, publishers.bp, agents.bp, projects.bp, prompts.bp,

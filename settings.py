@@ -39,6 +39,8 @@ DEFAULTS = {
     # Every Redis key the bus makes starts with this (several deployments, or
     # test runs, may share one Redis).
     "REDIS_PREFIX": "switchboard:",
+    # Comma-separated origins a browser may call /v1 and /api/v1 from; none by default.
+    "CORS_ORIGINS": "",
 }
 
 # Each secret: the environment variable that sets it, the config key it
@@ -82,6 +84,13 @@ def load(app, overrides=None):
             app.config["SECRETS_FROM_INSTANCE"][env_name] = os.path.join(app.instance_path,
                                                                          env_name)
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+
+
+def cors_origins(config) -> list[str]:
+    """SWITCHBOARD_CORS_ORIGINS as a list: comma-separated (or a JSON list)."""
+    raw = config.get("CORS_ORIGINS") or ""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return [origin.strip().rstrip("/") for origin in items if origin.strip()]
 
 
 def normalize_database_url(url):

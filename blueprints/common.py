@@ -6,6 +6,7 @@ import os
 from flask import current_app, g, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+import settings
 from extensions import db
 from models import utcnow
 from services import tokens
@@ -14,7 +15,10 @@ from services.errors import Forbidden, Invalid
 
 
 def authenticate_request():
-    """`before_request` of the token-protected blueprints."""
+    """`before_request` of the token-protected blueprints. A browser's CORS
+    preflight carries no token by design: refuse_foreign_preflight has judged it."""
+    if is_preflight():
+        return
     caller, touched = tokens.authenticate(db.session, request.headers.get("Authorization"),
                                           utcnow())
     if touched:
@@ -30,6 +34,25 @@ def authenticate_unmatched():
 
 
 PROTECTED_PREFIXES = ("/api/", "/v1/")
+
+
+def is_preflight() -> bool:
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
+
+
+def refuse_foreign_preflight():
+    """App-level `before_request`: a preflight from an origin that is not in
+    SWITCHBOARD_CORS_ORIGINS gets a 403 saying so (not a 401: a preflight
+    never carries a token); one from a listed origin gets Flask's automatic
+    OPTIONS answer, which flask-cors fills in."""
+    if not is_preflight() or not request.path.startswith(PROTECTED_PREFIXES):
+        return
+    origin = request.headers["Origin"]
+    allowed = settings.cors_origins(current_app.config)
+    if origin.rstrip("/") not in allowed and "*" not in allowed:
+        raise Forbidden(f"Origin {origin} may not call this server from a browser; an operator "
+                        f"can allow it in SWITCHBOARD_CORS_ORIGINS", code="cors_origin_not_allowed")
 
 
 def caller() -> tokens.Caller:
