@@ -1,4 +1,5 @@
-# `make run`: set up and serve on SQLite. `make test`: set up and run every test.
+# `make run`: set up and serve on SQLite (on 127.0.0.1 unless HOST is set; PORT,
+# default 8000). `make test`: set up and run every test.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ $(BIN)/.installed: requirements.txt
 run: $(BIN)/.installed
 	$(BIN)/flask db upgrade
 	@$(BIN)/flask tokens bootstrap | sed 's/^/Admin token (shown once, keep it): /'
-	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+	HOST=$${HOST:-127.0.0.1} $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
