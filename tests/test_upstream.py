@@ -188,6 +188,67 @@ def test_a_stream_broken_before_its_first_byte_is_bad_gateway(upstream, fake_ope
         upstream.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
 
 
+# -- keep-alives while the first byte is late -------------------------------------
+
+KEEPALIVE = 0.1
+
+
+@pytest.fixture
+def keeping_alive():
+    return Upstream(connect_timeout=1.0, read_timeout=5.0, stream_idle_timeout=5.0,
+                    cipher=CIPHER, keepalive=KEEPALIVE)
+
+
+def timed_events(stream):
+    """[(seconds since the call, event bytes)] of an SSE byte stream."""
+    started, events = time.monotonic(), []
+    for data in stream:
+        events += [(time.monotonic() - started, e) for e in data.split(b"\n\n") if e]
+    return events
+
+
+def test_a_late_first_byte_gets_keepalive_comments_then_the_stream(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one", "two"], delay=0.5)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    assert (reply.status, reply.content_type) == (200, "text/event-stream")
+    events = timed_events(reply.stream)
+    comments = [at for at, e in events if e == b": keepalive"]
+    data = [e for _, e in events if e.startswith(b"data: ")]
+    assert len(comments) >= 3  # one at once (the headers go), then every KEEPALIVE s
+    assert comments[0] < 0.25
+    assert events[0][1] == b": keepalive" and events[-1][1] == b"data: [DONE]"
+    assert b'"one"' in data[0] and b'"two"' in data[1]
+
+
+def test_a_prompt_first_byte_gets_no_keepalive(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one"])
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    assert b": keepalive" not in b"".join(reply.stream)
+
+
+def test_a_prompt_error_keeps_its_status_with_keepalives_on(keeping_alive, fake_openai):
+    fake_openai.script(status=401, body={"error": {"message": "bad key"}})
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    assert reply.stream is None and reply.status == 401
+
+
+def test_a_late_error_is_the_streams_last_event(keeping_alive, fake_openai):
+    fake_openai.script(status=429, body={"error": {"message": "slow down"}}, delay=0.3)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    *comments, (_, last) = timed_events(reply.stream)
+    assert comments and all(e == b": keepalive" for _, e in comments)
+    assert json.loads(last.removeprefix(b"data: "))["error"] == {
+        "message": "The upstream of LLM 'gpt-x' answered 429: slow down",
+        "type": "upstream_error", "code": "upstream_error_status", "details": {"status": 429}}
+
+
+def test_a_late_failure_to_connect_is_the_streams_last_event(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one"], break_after=0, delay=0.3)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    *_, (_, last) = timed_events(reply.stream)
+    assert json.loads(last.removeprefix(b"data: "))["error"]["code"] == "upstream_unreachable"
+
+
 def test_a_stream_broken_midway_ends_with_an_error_event(upstream, fake_openai):
     fake_openai.script(chunks=["one", "two", "three"], break_after=2)
     reply = upstream.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
