@@ -1,7 +1,6 @@
 """Whether the database is migrated for this code: a database that was never
 migrated (or is behind) answers 503 "run `flask db upgrade`" instead of a
 bare 500 from the first query that meets a missing table."""
-import contextlib
 import logging
 
 import sqlalchemy as sa
@@ -53,18 +52,7 @@ class SchemaCheck:
 
     def _read_revisions(self):
         if self._revisions is None:
-            with _quiet(logging.getLogger("alembic.runtime.plugins")):  # a line per plugin
-                script = ScriptDirectory(self.directory)
-                self._revisions = (set(script.get_heads()),
-                                   {rev.revision for rev in script.walk_revisions()})
+            script = ScriptDirectory(self.directory)
+            self._revisions = (set(script.get_heads()),
+                               {rev.revision for rev in script.walk_revisions()})
         return self._revisions
-
-
-@contextlib.contextmanager
-def _quiet(logger):
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
