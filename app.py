@@ -125,10 +125,11 @@ def check_stored_secrets(app):
     from services.api_keys import check_stored_keys
 
     from_files = app.config["SECRETS_FROM_INSTANCE"]
-    if from_files and app.config.get("REDIS_URL"):  # scaled out: likely several hosts
-        log.warning("%s read from %s: with several hosts, set %s in the environment instead, "
-                    "the same on every host", " and ".join(from_files), app.instance_path,
-                    " and ".join(from_files))
+    if from_files:  # louder when scaled out: likely several hosts
+        names = " and ".join(from_files)
+        log.log(logging.WARNING if app.config.get("REDIS_URL") else logging.INFO,
+                "%s read from %s: with several hosts, set %s in the environment instead, "
+                "the same on every host", names, app.instance_path, names)
     with app.app_context():
         try:
             with db.engine.connect() as connection:

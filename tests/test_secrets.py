@@ -149,6 +149,16 @@ def test_unset_secrets_are_generated_into_a_private_instance_folder(clean_env, t
         app.config["SECRET_KEY"], app.config["API_KEY_SECRET"])
 
 
+def test_start_up_says_where_the_secrets_come_from_and_what_several_hosts_need(
+        clean_env, tmp_path, caplog):
+    instance = tmp_path / "instance"
+    with caplog.at_level("INFO", logger="app"):
+        create_app(instance_path=str(instance))
+    assert (f"SECRET_KEY and SWITCHBOARD_SECRET_KEY read from {instance}: with several hosts, "
+            "set SECRET_KEY and SWITCHBOARD_SECRET_KEY in the environment instead, the same "
+            "on every host") in caplog.text
+
+
 def test_the_default_sqlite_file_is_private_to_its_owner(clean_env, tmp_path):
     instance = tmp_path / "instance"
     app = create_app(instance_path=str(instance))
