@@ -1,5 +1,4 @@
-# `make run`: set up and serve on SQLite (on 127.0.0.1 unless HOST is set; PORT,
-# default 8000). `make test`: set up and run every test.
+# `make run`: set up and serve on SQLite. `make test`: set up and run every test.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,6 +11,7 @@ $(BIN)/.installed: requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# Serves 127.0.0.1 unless HOST is set (the Procfile keeps 0.0.0.0); PORT, default 8000.
 run: $(BIN)/.installed
 	$(BIN)/flask db upgrade
 	@$(BIN)/flask tokens bootstrap | sed 's/^/Admin token (shown once, keep it): /'

@@ -35,12 +35,12 @@ DEFAULTS = {
     # gc-sweep settles a chat answer still `pending` this long after its turn
     # began: its worker was killed (no live turn lasts an hour).
     "CHAT_PENDING_TIMEOUT": 3600.0,
+    # Comma-separated origins a browser may call /v1 and /api/v1 from; none by default.
+    "CORS_ORIGINS": "",
     "REDIS_URL": None,
     # Every Redis key the bus makes starts with this (several deployments, or
     # test runs, may share one Redis).
     "REDIS_PREFIX": "switchboard:",
-    # Comma-separated origins a browser may call /v1 and /api/v1 from; none by default.
-    "CORS_ORIGINS": "",
 }
 
 # Each secret: the environment variable that sets it, the config key it
