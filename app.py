@@ -77,6 +77,8 @@ def _create_private_sqlite_file(uri):
         os.close(os.open(url.database, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         pass
+    except OSError:  # no such folder, say: SQLite says so itself on connecting
+        pass
 
 
 def _sqlite_pragmas(dbapi_connection, _record):
