@@ -76,7 +76,7 @@ class Upstream:
             return self._stream_reply(target, opening.outcome())
         # The first byte is late (a model loading, a long prompt): commit to a
         # stream now, so that proxies and people see it is alive.
-        return Reply(200, stream=self._kept_alive(opening, target),
+        return Reply(200, stream=_Abandoning(self._kept_alive(opening, target), opening),
                      content_type="text/event-stream")
 
     def _open(self, target, data, streaming):
@@ -216,6 +216,27 @@ class _Opening:
     def _close_result(self):
         if isinstance(self._result, _OpenStream):
             self._result.close()
+
+
+class _Abandoning:
+    """The kept-alive stream; closing it abandons the opening even if it was
+    never iterated (a generator's `finally` would not run then)."""
+
+    def __init__(self, stream, opening):
+        self._stream = stream
+        self._opening = opening
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._stream)
+
+    def close(self):
+        try:
+            self._stream.close()
+        finally:
+            self._opening.abandon()
 
 
 def _late_answer_error(target, reply: Reply) -> dict:

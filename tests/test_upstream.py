@@ -249,6 +249,19 @@ def test_a_late_failure_to_connect_is_the_streams_last_event(keeping_alive, fake
     assert json.loads(last.removeprefix(b"data: "))["error"]["code"] == "upstream_unreachable"
 
 
+def test_a_kept_alive_stream_closed_unread_closes_the_late_answer(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one", "two"], delay=0.3, chunk_delay=5.0)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    reply.stream.close()  # the client left before a byte was written
+    opening = reply.stream._opening
+    assert opening.done.wait(5)
+    response = opening.outcome().response
+    deadline = time.monotonic() + 5
+    while not response.raw.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert response.raw.closed
+
+
 def test_a_stream_broken_midway_ends_with_an_error_event(upstream, fake_openai):
     fake_openai.script(chunks=["one", "two", "three"], break_after=2)
     reply = upstream.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
