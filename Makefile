@@ -11,10 +11,11 @@ $(BIN)/.installed: requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# Serves 127.0.0.1 unless HOST is set (the Procfile keeps 0.0.0.0); PORT, default 8000.
 run: $(BIN)/.installed
 	$(BIN)/flask db upgrade
 	@$(BIN)/flask tokens bootstrap | sed 's/^/Admin token (shown once, keep it): /'
-	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+	HOST=$${HOST:-127.0.0.1} $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 # Both stacks: SQLite + the memory bus, then PostgreSQL + Redis (live servers
 # with two workers). `make test-quick` is the first half alone: nothing to install.

@@ -1,4 +1,5 @@
 """`flask tokens ...` and `flask gc-sweep`."""
+import functools
 import json
 
 import click
@@ -10,12 +11,28 @@ from models import Role, utcnow
 from services import gc, tokens
 from services.errors import ServiceError
 
-tokens_cli = AppGroup("tokens", help="Create, list and revoke API tokens.")
+tokens_cli = AppGroup("tokens", help="Create, list, revoke and bootstrap API tokens.")
+
+ROLE_HELP = ("What the token may do: admin (everything), publisher (publish LLMs and agents "
+             "and answer their tasks), client (list and call LLMs, chat with agents).")
 
 
-@tokens_cli.command("create")
+def migrated(command):
+    """Refuse, saying what to do, on a database `flask db upgrade` has not built."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        problem = current_app.extensions["schema_check"].problem(db.session.connection())
+        if problem is not None:
+            raise click.ClickException(problem)
+        return command(*args, **kwargs)
+    return wrapper
+
+
+@tokens_cli.command("create", short_help="Create a token and print it alone on stdout.")
 @click.argument("name")
-@click.option("--role", required=True, type=click.Choice([r.value for r in Role]))
+@click.option("--role", required=True, type=click.Choice([r.value for r in Role]),
+              help=ROLE_HELP)
+@migrated
 def create_token(name, role):
     """Create a token and print it alone on stdout (it is never shown again)."""
     raw = _run(tokens.create_token, db.session, name, role)
@@ -23,18 +40,21 @@ def create_token(name, role):
     click.echo(raw)
 
 
-@tokens_cli.command("list")
+@tokens_cli.command("list", short_help="List tokens (never the tokens themselves).")
+@migrated
 def list_tokens():
-    """List tokens (never the tokens themselves)."""
+    """List tokens, tab-separated under a header (never the tokens themselves)."""
+    click.echo("NAME\tROLE\tSTATE\tCREATED\tLAST USED")
     for token in tokens.list_tokens(db.session):
         view = token.view()
         state = f"revoked {view['revoked_at']}" if token.revoked_at else "active"
-        click.echo(f"{view['name']}\t{view['role']}\t{state}\t"
-                   f"last used {view['last_used_at'] or 'never'}")
+        click.echo(f"{view['name']}\t{view['role']}\t{state}\t{view['created_at']}\t"
+                   f"{view['last_used_at'] or 'never'}")
 
 
-@tokens_cli.command("revoke")
+@tokens_cli.command("revoke", short_help="Revoke a token by name.")
 @click.argument("name")
+@migrated
 def revoke_token(name):
     """Revoke a token by name; requests with it then get 401."""
     _run(tokens.revoke_token, db.session, name, utcnow())
@@ -42,9 +62,13 @@ def revoke_token(name):
     click.echo(f"revoked {name}", err=True)
 
 
-@tokens_cli.command("bootstrap")
+@tokens_cli.command("bootstrap", short_help="Print a new admin token if none is active.")
+@migrated
 def bootstrap_token():
-    """Create and print an admin token named `admin` if no active admin token exists."""
+    """Print a new admin token if there is no active one (`make run` does this).
+
+    The token is named `admin` (`admin-2`, ... when a revoked token holds the
+    name); with an active admin token it prints nothing."""
     raw = _run(tokens.bootstrap_admin, db.session)
     if raw is not None:
         db.session.commit()
@@ -67,6 +91,7 @@ def _run(operation, *args):
               help="Seconds an inactive virtual row is kept before deletion "
                    "(default: SWITCHBOARD_INACTIVE_RETENTION, 14400).")
 @with_appcontext
+@migrated
 def gc_sweep(as_json, heartbeat_timeout, retention):
     """Sweep virtual LLMs and agents: stale → inactive, long inactive → deleted;
     settle chat answers a killed worker left pending."""

@@ -1,5 +1,6 @@
 """Extensions, created unbound; `app.create_app` binds them."""
 import sqlalchemy as sa
+from flask_cors import CORS
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
@@ -19,3 +20,4 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
+cors = CORS()

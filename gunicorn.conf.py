@@ -7,7 +7,16 @@ exactly one worker unless REDIS_URL selects the Redis bus.
 import logging
 import os
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"
+# `make run` passes HOST=127.0.0.1 unless HOST is set; the Procfile's platform
+# routes to 0.0.0.0.
+HOST, PORT = os.environ.get("HOST", "0.0.0.0"), os.environ.get("PORT", "8000")
+bind = f"{HOST}:{PORT}"
+# gunicorn's control socket (for `gunicornc`) is one path per user by default:
+# a second instance would take it over, and delete it when it stops. One per
+# instance folder and port instead (the folder is private: settings.py).
+INSTANCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance")
+os.makedirs(INSTANCE, mode=0o700, exist_ok=True)
+control_socket = os.path.join(INSTANCE, f"gunicorn-{PORT}.ctl")
 worker_class = "gevent"
 # With Redis any worker serves any request: one per core unless WEB_CONCURRENCY says.
 workers = (int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
@@ -35,6 +44,9 @@ def nworkers_changed(server, new_value, old_value):
     if not os.environ.get("REDIS_URL") and new_value > 1:
         server.log.warning("the in-memory task bus needs exactly one worker process: running 1, "
                            "not %d (set REDIS_URL to scale out)", new_value)
+        # A reload spawns `cfg.workers` new workers (from --workers, which
+        # beats this file) before it trims them to num_workers: both say 1.
+        server.cfg.set("workers", 1)
         server.num_workers = 1
 
 

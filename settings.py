@@ -1,10 +1,18 @@
 """Every setting and its default, in one place.
 
 The environment overrides them (`SWITCHBOARD_<NAME>`, plus the conventional
-`DATABASE_URL`, `REDIS_URL`); tests pass a dict to `create_app`.
+`DATABASE_URL`, `REDIS_URL`, `SECRET_KEY`); tests pass a dict to `create_app`.
 Durations are seconds.
 """
+import logging
 import os
+import secrets
+import stat
+import tempfile
+
+from cryptography.fernet import Fernet
+
+log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "POLL_WAIT_MAX": 25.0,
@@ -27,6 +35,8 @@ DEFAULTS = {
     # gc-sweep settles a chat answer still `pending` this long after its turn
     # began: its worker was killed (no live turn lasts an hour).
     "CHAT_PENDING_TIMEOUT": 3600.0,
+    # Comma-separated origins a browser may call /v1 and /api/v1 from; none by default.
+    "CORS_ORIGINS": "",
     "REDIS_URL": None,
     # Every Redis key the bus makes starts with this (several deployments, or
     # test runs, may share one Redis).
@@ -36,23 +46,54 @@ DEFAULTS = {
     "REDIS_MAX_CONNECTIONS": 64,
 }
 
+# Each secret: the environment variable that sets it, the config key it
+# lands in, and how to make a new one (into the instance folder) when unset.
+SECRETS = (
+    ("SECRET_KEY", "SECRET_KEY", lambda: secrets.token_hex(32)),        # Flask's: signs cookies
+    ("SWITCHBOARD_SECRET_KEY", "API_KEY_SECRET",                        # encrypts upstream keys
+     lambda: Fernet.generate_key().decode()),
+)
+
 
 def load(app, overrides=None):
-    """Fill `app.config` from the defaults, the environment, then `overrides`."""
+    """Fill `app.config` from the defaults, the environment, then `overrides`;
+    then the secrets still unset from the instance folder (generated there on
+    first start)."""
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("SWITCHBOARD")
+    # from_prefixed_env reads SWITCHBOARD_SECRET_KEY as Flask's SECRET_KEY:
+    # they are two keys with two jobs.
+    app.config.pop("SECRET_KEY", None)
+    for env_name, key, _ in SECRETS:
+        if os.environ.get(env_name):
+            app.config[key] = os.environ[env_name]
     database_url = os.environ.get("DATABASE_URL")
     if database_url:
         app.config["SQLALCHEMY_DATABASE_URI"] = normalize_database_url(database_url)
     else:
-        os.makedirs(app.instance_path, exist_ok=True)
+        make_private_folder(app.instance_path)
         path = os.path.join(app.instance_path, "switchboard.db")
         app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{path}"
     if os.environ.get("REDIS_URL"):
         app.config["REDIS_URL"] = os.environ["REDIS_URL"]
     if overrides:
         app.config.update(overrides)
+    # The secrets still unset, by name, with the file each was read from.
+    app.config["SECRETS_FROM_INSTANCE"] = {}
+    for env_name, key, generate in SECRETS:
+        if not app.config.get(key):
+            make_private_folder(app.instance_path)
+            app.config[key] = instance_secret(app.instance_path, env_name, generate)
+            app.config["SECRETS_FROM_INSTANCE"][env_name] = os.path.join(app.instance_path,
+                                                                         env_name)
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+
+
+def cors_origins(config) -> list[str]:
+    """SWITCHBOARD_CORS_ORIGINS as a list: comma-separated (or a JSON list)."""
+    raw = config.get("CORS_ORIGINS") or ""
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return [origin.strip().rstrip("/") for origin in items if origin.strip()]
 
 
 def normalize_database_url(url):
@@ -61,3 +102,39 @@ def normalize_database_url(url):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
     return url
+
+
+def make_private_folder(path):
+    """Create `path` readable by its owner only (0700), or tighten it to that."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o700)
+    except OSError:  # not ours to change: leave it as the operator set it
+        pass
+
+
+def instance_secret(folder, name, generate) -> str:
+    """The secret in `folder/name`, generated into it (mode 0600) first if
+    the file is missing. Safe when several processes start at once: each
+    writes a complete file of its own and links it into place; the first link
+    wins and everyone reads that one."""
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        fd, draft = tempfile.mkstemp(dir=folder, prefix=f".{name}.")  # mkstemp: mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(generate() + "\n")
+            os.link(draft, path)
+            log.warning("%s is not set: generated one into %s (keep that file; with several "
+                        "hosts, set %s instead, the same on every host)", name, path, name)
+        except FileExistsError:
+            pass  # another process generated it first
+        finally:
+            os.unlink(draft)
+    with open(path, encoding="utf-8") as f:
+        value = f.read().strip()
+    if not value:
+        raise RuntimeError(f"{path} is empty: delete it (a new {name} is then generated) "
+                           f"or set {name}")
+    return value

@@ -3,17 +3,22 @@ import _socket
 import functools
 import os
 
-from flask import g, request
+from flask import current_app, g, request
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
+import settings
 from extensions import db
 from models import utcnow
 from services import tokens
+from services.api_keys import ApiKeyCipher
 from services.errors import Forbidden, Invalid
 
 
 def authenticate_request():
-    """`before_request` of the token-protected blueprints."""
+    """`before_request` of the token-protected blueprints. A browser's CORS
+    preflight carries no token by design: refuse_foreign_preflight has judged it."""
+    if is_preflight():
+        return
     caller, touched = tokens.authenticate(db.session, request.headers.get("Authorization"),
                                           utcnow())
     if touched:
@@ -31,8 +36,40 @@ def authenticate_unmatched():
 PROTECTED_PREFIXES = ("/api/", "/v1/")
 
 
+def is_preflight() -> bool:
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
+
+
+def refuse_foreign_preflight():
+    """App-level `before_request`: a preflight from an origin that is not in
+    SWITCHBOARD_CORS_ORIGINS gets a 403 saying so (not a 401: a preflight
+    never carries a token); one from a listed origin gets Flask's automatic
+    OPTIONS answer, which flask-cors fills in."""
+    if not is_preflight() or not request.path.startswith(PROTECTED_PREFIXES):
+        return
+    origin = request.headers["Origin"]
+    allowed = settings.cors_origins(current_app.config)
+    if origin.rstrip("/") not in allowed and "*" not in allowed:
+        raise Forbidden(f"Origin {origin} may not call this server from a browser; an operator "
+                        f"can allow it in SWITCHBOARD_CORS_ORIGINS", code="cors_origin_not_allowed")
+
+
 def caller() -> tokens.Caller:
     return g.caller
+
+
+def api_key_cipher() -> ApiKeyCipher:
+    return current_app.extensions["api_key_cipher"]
+
+
+def require_migrated_schema():
+    """App-level `before_request` (the first): until the database is found
+    migrated once, every request but the health checks asks it, and gets a 503
+    saying to run `flask db upgrade` instead of a 500 from a missing table."""
+    check = current_app.extensions["schema_check"]
+    if not check.current and request.blueprint != "health":
+        check.require(db.session.connection())
 
 
 def require(*roles):

@@ -1,6 +1,6 @@
 from flask import Blueprint
 
-from blueprints.common import json_body, require
+from blueprints.common import api_key_cipher, json_body, require
 from extensions import db
 from schemas.llm import llm_create, llm_update
 from services import registry
@@ -21,7 +21,7 @@ def get_llm(name):
 @bp.post("/llms")
 @require("admin")
 def create_llm():
-    llm = registry.create_llm(db.session, json_body(llm_create))
+    llm = registry.create_llm(db.session, json_body(llm_create), api_key_cipher())
     db.session.commit()
     return llm.view(), 201
 
@@ -29,7 +29,7 @@ def create_llm():
 @bp.patch("/llms/<name>")
 @require("admin")
 def update_llm(name):
-    llm = registry.update_llm(db.session, name, json_body(llm_update))
+    llm = registry.update_llm(db.session, name, json_body(llm_update), api_key_cipher())
     db.session.commit()
     return llm.view()
 

@@ -1,35 +1,55 @@
 """OpenAI-compatible aliases, so `openai.OpenAI(base_url=".../v1")` works unchanged.
 
 `model: "agent:<name>"` runs a stateless call through an agent: its system
-text first, its default params under the body's own fields.
+text first, its default params under the body's own fields. Any other path
+under /v1 is a 404 envelope naming these routes (blueprints/errors.py).
 """
 import calendar
+import contextlib
 
-from flask import Blueprint
+from flask import Blueprint, current_app
 
 from blueprints.common import authenticate_request, require
 from blueprints.infer import inference_body, run_inference
 from extensions import db
+from models import Status
 from services import agents, registry
-from services.errors import Invalid
+from services.errors import Invalid, NotFound
 
 AGENT_PREFIX = "agent:"
+MODELS_HINT = "GET /v1/models lists the models you can use"
 
 bp = Blueprint("openai_compat", __name__, url_prefix="/v1")
 bp.before_request(authenticate_request)
 
 
+def is_live(session_id: str) -> bool:
+    return current_app.extensions["task_bus"].is_live(session_id)
+
+
 @bp.get("/models")
 def list_models():
-    models = [{"id": llm.name, "object": "model",
-               "created": calendar.timegm(llm.created_at.timetuple()),
-               "owned_by": llm.kind}
-              for llm in registry.list_usable_llms(db.session)]
-    models += [{"id": AGENT_PREFIX + agent.name, "object": "model",
-                "created": calendar.timegm(agent.created_at.timetuple()),
-                "owned_by": agent.kind}
-               for agent in agents.list_usable_agents(db.session)]
+    llms = registry.list_usable_llms(db.session, is_live)
+    models = [_model(llm.name, llm) for llm in llms]
+    models += [_model(AGENT_PREFIX + agent.name, agent)
+               for agent in agents.list_usable_agents(db.session, llms)]
     return {"object": "list", "data": models}
+
+
+@bp.get("/models/<path:model>")
+def get_model(model):
+    if model.startswith(AGENT_PREFIX):
+        with models_hint():
+            agent = agents.get_agent(db.session, model[len(AGENT_PREFIX):])
+        if agent.status != Status.INACTIVE and registry.is_usable(agent.llm, is_live):
+            return _model(model, agent)
+    else:
+        with models_hint():
+            llm = registry.get_llm(db.session, model)
+        if registry.is_usable(llm, is_live):
+            return _model(model, llm)
+    raise NotFound(f"Model '{model}' cannot answer now (its publisher is offline); "
+                   f"{MODELS_HINT}", code="model_unavailable")
 
 
 @bp.post("/chat/completions")
@@ -38,8 +58,25 @@ def chat_completions():
     body = inference_body()
     name = body.get("model")
     if not isinstance(name, str) or not name:
-        raise Invalid("'model' must name an LLM", code="validation_failed",
-                      details={"model": ["Missing data for required field."]})
-    if name.startswith(AGENT_PREFIX):
-        name, body = agents.through_agent(db.session, name[len(AGENT_PREFIX):], body)
-    return run_inference(name, body)
+        reason = "Not a valid string." if "model" in body else "Missing data for required field."
+        raise Invalid(f"model: {reason}", code="validation_failed", details={"model": [reason]})
+    with models_hint():
+        if name.startswith(AGENT_PREFIX):
+            name, body = agents.through_agent(db.session, name[len(AGENT_PREFIX):], body)
+        return run_inference(name, body)
+
+
+def _model(model_id, row) -> dict:
+    return {"id": model_id, "object": "model",
+            "created": calendar.timegm(row.created_at.timetuple()), "owned_by": row.kind}
+
+
+@contextlib.contextmanager
+def models_hint():
+    """A 404 for an unknown LLM or agent points at /v1/models."""
+    try:
+        yield
+    except NotFound as exc:
+        if exc.code not in ("llm_not_found", "agent_not_found"):
+            raise
+        raise NotFound(f"{exc.message}; {MODELS_HINT}", code=exc.code) from None

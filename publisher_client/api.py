@@ -43,7 +43,16 @@ class SwitchboardAPI:
         payload = {"session_id": session_id, "llms": llms}
         if agents:
             payload["agents"] = agents
-        return self._call("POST", "/publishers/register", json=payload, expect=201)
+        try:
+            return self._call("POST", "/publishers/register", json=payload, expect=201)
+        except ServerError as exc:
+            if exc.status == 404 and exc.code in (None, "not_found", "unsupported_endpoint"):
+                # No such route: not our server, or not where `server` points.
+                raise ServerError(
+                    f"POST {self.base}/publishers/register: 404: no Switchboard there; check "
+                    f"`server`: it must be Switchboard's base URL (e.g. http://127.0.0.1:8000), "
+                    f"the one `make run` serves, without /api/v1", exc.status, exc.code) from None
+            raise
 
     def heartbeat(self, session_id: str):
         """Raises SessionNotFound when the server has forgotten the session
@@ -113,7 +122,9 @@ def _error_of(response) -> tuple[str, str | None]:
         error = response.json()["error"]
         return str(error.get("message", "")), error.get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
-        return response.text[:200].strip() or response.reason or "", None
+        # One line: a proxy's or framework's HTML page would otherwise span many.
+        text = " ".join(response.text[:200].split())
+        return text or response.reason or "", None
 
 
 def _short(exc: Exception) -> str:

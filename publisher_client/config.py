@@ -106,6 +106,7 @@ def parse_config(raw: Any, environ) -> Config:
             raise ConfigError(f"token_env: environment variable {token_env} is not set")
     if not top["server"].startswith(("http://", "https://")):
         raise ConfigError("server: must be an http:// or https:// URL")
+    _check_server_base(top["server"].rstrip("/"))
     if not top["llms"]:
         raise ConfigError("llms: publish at least one LLM")
     llms = tuple(_parse_llm(item, f"llms[{i}]", environ) for i, item in enumerate(top["llms"]))
@@ -122,6 +123,16 @@ def parse_config(raw: Any, environ) -> Config:
         heartbeat_seconds=_positive(top, "heartbeat_seconds", 30.0, ""),
         poll_wait_seconds=_positive(top, "poll_wait_seconds", 25.0, ""),
     )
+
+
+def _check_server_base(server: str):
+    """`server` is where Switchboard itself is served: the client adds
+    /api/v1. The OpenAI base URL (`.../v1`) is the natural mistake."""
+    for suffix in ("/api/v1", "/v1"):
+        if server.endswith(suffix):
+            raise ConfigError(f"server: must be Switchboard's base URL, without {suffix} "
+                              f"(the publisher adds /api/v1 itself): use "
+                              f"{server[:-len(suffix)] or server}")
 
 
 def _parse_llm(raw, where, environ) -> LlmConfig:

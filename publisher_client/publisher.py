@@ -90,12 +90,25 @@ class Publisher:
         KeyboardInterrupt); then disconnect. Raises ServerError when the
         server refuses us for good (bad token, name taken)."""
         try:
+            self.check_backends()
             if not self.connect():
                 return
             self._heartbeat_thread = _spawn(self._heartbeat_loop, name="heartbeat")
             self._poll_loop()
         finally:
             self.shutdown()
+
+    def check_backends(self) -> list[str]:
+        """Warn about each backend that does not answer now (a typo in `url`,
+        a server not started yet): it is published all the same. Returns the
+        names of those LLMs."""
+        down = [llm for llm in self.llms.values() if not _safely(llm.backend.available)]
+        for llm in down:
+            then = ("it is published hibernating and woken by its recipe on the first request"
+                    if llm.waker else "requests to it fail until it answers")
+            log.warning("backend of LLM %s is not available (GET %s/models failed): %s",
+                        llm.name, llm.config.url, then)
+        return [llm.name for llm in down]
 
     def stop(self):
         """Ask run() to return (after the poll in flight)."""

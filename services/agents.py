@@ -7,7 +7,7 @@ import logging
 
 import sqlalchemy as sa
 
-from models import Agent, Kind, Llm, Status
+from models import Agent, Kind, Status
 from services import personalities, projects, registry, rows
 from services.errors import Conflict, NotFound, Unavailable
 
@@ -18,12 +18,14 @@ def list_agents(session) -> list[Agent]:
     return list(session.scalars(sa.select(Agent).order_by(Agent.name)))
 
 
-def list_usable_agents(session) -> list[Agent]:
-    """Agents a client can talk to now or after a wake: neither the agent nor
-    its LLM is inactive."""
+def list_usable_agents(session, usable_llms) -> list[Agent]:
+    """The agents on `usable_llms` (see registry.list_usable_llms) that are
+    not inactive themselves."""
+    llm_ids = [llm.id for llm in usable_llms]
+    if not llm_ids:
+        return []
     return list(session.scalars(
-        sa.select(Agent).join(Agent.llm)
-        .where(Agent.status != Status.INACTIVE, Llm.status != Status.INACTIVE)
+        sa.select(Agent).where(Agent.status != Status.INACTIVE, Agent.llm_id.in_(llm_ids))
         .order_by(Agent.name)))
 
 

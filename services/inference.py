@@ -19,7 +19,7 @@ class Target:
     status: str
     model: str
     url: str
-    api_key: str | None
+    api_key: str | None  # as stored: encrypted (services/api_keys.py); Upstream decrypts it
     session_id: str | None
     owner: str | None  # the token owning the publisher session (virtual rows)
 

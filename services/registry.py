@@ -14,10 +14,28 @@ def list_llms(session) -> list[Llm]:
     return list(session.scalars(sa.select(Llm).order_by(Llm.name)))
 
 
-def list_usable_llms(session) -> list[Llm]:
-    """LLMs a client can call now or after a wake: everything but inactive rows."""
-    return list(session.scalars(
-        sa.select(Llm).where(Llm.status != Status.INACTIVE).order_by(Llm.name)))
+def list_usable_llms(session, is_live) -> list[Llm]:
+    """LLMs that can answer now (see `is_usable`), by name."""
+    rows = session.scalars(
+        sa.select(Llm).where(Llm.status != Status.INACTIVE).order_by(Llm.name))
+    live = {}  # one look-up per session, however many LLMs it publishes
+
+    def cached_is_live(session_id):
+        if session_id not in live:
+            live[session_id] = is_live(session_id)
+        return live[session_id]
+    return [llm for llm in rows if is_usable(llm, cached_is_live)]
+
+
+def is_usable(llm: Llm, is_live) -> bool:
+    """Whether the LLM can answer now: a public row, or a virtual row, active
+    or hibernating (it is woken first), whose publisher session
+    `is_live(session_id)`."""
+    if llm.status == Status.INACTIVE:
+        return False
+    if llm.kind != Kind.VIRTUAL:
+        return True
+    return bool(llm.provider_session_id) and is_live(llm.provider_session_id)
 
 
 def get_llm(session, name: str) -> Llm:
@@ -25,8 +43,11 @@ def get_llm(session, name: str) -> Llm:
     return rows.get_by_name(session, Llm, name, "LLM")
 
 
-def create_llm(session, data: dict) -> Llm:
-    """Insert a public LLM. Raises Conflict when the name is taken."""
+def create_llm(session, data: dict, cipher) -> Llm:
+    """Insert a public LLM, its API key encrypted with `cipher`. Raises
+    Conflict when the name is taken."""
+    data = dict(data)
+    data["api_key"] = cipher.encrypt(data.get("api_key"))
     llm = Llm(kind=Kind.PUBLIC, **data)
     session.add(llm)
     rows.flush_or_conflict(session, f"LLM name '{data['name']}' is taken")
@@ -34,11 +55,14 @@ def create_llm(session, data: dict) -> Llm:
     return llm
 
 
-def update_llm(session, name: str, data: dict) -> Llm:
-    """Apply a partial update. With `version`, the row must still be at that
-    version. Raises NotFound, Conflict (version mismatch)."""
+def update_llm(session, name: str, data: dict, cipher) -> Llm:
+    """Apply a partial update (a new API key encrypted with `cipher`). With
+    `version`, the row must still be at that version. Raises NotFound,
+    Conflict (version mismatch)."""
     llm = get_llm(session, name)
     data = dict(data)
+    if "api_key" in data:
+        data["api_key"] = cipher.encrypt(data["api_key"])
     rows.check_version(llm, data.pop("version", None), "LLM")
     for key, value in data.items():
         setattr(llm, key, value)

@@ -48,10 +48,7 @@ class Relay:
 
     @classmethod
     def from_config(cls, config, bus):
-        timeouts = Timeouts.from_config(config)
-        upstream = Upstream(float(config["UPSTREAM_CONNECT_TIMEOUT"]), timeouts.infer,
-                            timeouts.stream_idle)
-        return cls(bus, upstream, timeouts)
+        return cls(bus, Upstream.from_config(config), Timeouts.from_config(config))
 
     def infer(self, target: Target, body: dict, client_connected=None) -> Reply:
         """Run a chat-completions body on the target LLM (its `model` replaces

@@ -9,6 +9,9 @@ another's calls.
 """
 import logging
 import select
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import requests
 import urllib3
@@ -16,9 +19,10 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from jsonio import dumps
-from services.errors import BadGateway, envelope
-from services.inference import Reply, Target
+from jsonio import dumps, loads
+from services.api_keys import ApiKeyCipher
+from services.errors import BadGateway, ServiceError, envelope
+from services.inference import SSE_KEEPALIVE, Reply, Target, sse_event
 
 try:  # the system call itself, even when gevent has patched `select`
     from gevent.monkey import get_original
@@ -34,24 +38,56 @@ MAX_TEMPLATES = 1024
 
 
 class Upstream:
-    def __init__(self, connect_timeout: float, read_timeout: float, stream_idle_timeout: float):
+    def __init__(self, connect_timeout: float, read_timeout: float, stream_idle_timeout: float,
+                 *, cipher: ApiKeyCipher, keepalive: float | None = None):
+        """`cipher` decrypts the targets' stored API keys. With `keepalive`, a
+        stream whose upstream has not sent its first byte within that many
+        seconds is answered 200 at once and kept alive with SSE comments
+        every `keepalive` seconds (what a virtual LLM's stream gets too)."""
+        self.cipher = cipher
+        self.keepalive = keepalive
         self.timeout = (connect_timeout, read_timeout)
         # For a stream the read timeout bounds the silence between two reads.
         self.stream_timeout = (connect_timeout, stream_idle_timeout)
         self.adapter = UpstreamAdapter(pool_connections=32, pool_maxsize=64, max_retries=0)
         self._templates: dict[str, requests.PreparedRequest] = {}
 
+    @classmethod
+    def from_config(cls, config) -> "Upstream":
+        return cls(float(config["UPSTREAM_CONNECT_TIMEOUT"]), float(config["INFER_TIMEOUT"]),
+                   float(config["STREAM_IDLE_TIMEOUT"]), cipher=ApiKeyCipher.from_config(config),
+                   keepalive=float(config["STREAM_KEEPALIVE"]))
+
     def forward(self, target: Target, body: dict) -> Reply:
         """Send the chat-completions body upstream and return its reply as it is.
 
         A streamed 200 comes back as an SSE byte stream relayed as it arrives.
-        Raises BadGateway when the upstream cannot be reached or breaks first.
+        Raises BadGateway when the upstream cannot be reached or breaks first
+        (or, for a stream kept alive meanwhile, ends with an error event).
+        Raises ApiKeyUnreadable (the stored key does not decrypt).
         """
-        streaming = body.get("stream") is True
+        data = dumps(body)
+        if body.get("stream") is not True:
+            return self._open(target, data, streaming=False)
+        if self.keepalive is None:
+            return self._stream_reply(target, self._open(target, data, streaming=True))
+        opening = _Opening(lambda: self._open(target, data, streaming=True))
+        if opening.done.wait(self.keepalive):
+            return self._stream_reply(target, opening.outcome())
+        # The first byte is late (a model loading, a long prompt): commit to a
+        # stream now, so that proxies and people see it is alive.
+        return Reply(200, stream=_Abandoning(self._kept_alive(opening, target), opening),
+                     content_type="text/event-stream")
+
+    def _open(self, target, data, streaming):
+        """The upstream's answer: a Reply as it is, or for a streamed 200 the
+        open (response, first bytes, the rest). Raises BadGateway,
+        ApiKeyUnreadable."""
+        request = self._request(target, data)
         response = None
         try:
             response = self.adapter.send(
-                self._request(target, dumps(body)), stream=streaming,
+                request, stream=streaming,
                 timeout=self.stream_timeout if streaming else self.timeout)
             content_type = response.headers.get("Content-Type", "application/json")
             if not (streaming and response.status_code == 200
@@ -67,8 +103,33 @@ class Upstream:
             log.warning("upstream of LLM %s failed: %s", target.name, type(exc).__name__)
             raise BadGateway(f"The upstream of LLM '{target.name}' failed ({_reason(exc)})",
                              code="upstream_unreachable") from None
-        return Reply(200, stream=self._relay(response, first, chunks, target),
+        return _OpenStream(response, first, chunks)
+
+    def _stream_reply(self, target, opened) -> Reply:
+        if isinstance(opened, Reply):
+            return opened
+        return Reply(200, stream=self._relay(opened.response, opened.first, opened.chunks,
+                                             target),
                      content_type="text/event-stream")
+
+    def _kept_alive(self, opening, target):
+        """Keep-alive comments until the upstream answers, then its stream; an
+        answer that is not a stream, or a failure, becomes the last event."""
+        try:
+            yield SSE_KEEPALIVE
+            while not opening.done.wait(self.keepalive):
+                yield SSE_KEEPALIVE
+            try:
+                opened = opening.outcome()
+            except ServiceError as exc:
+                yield sse_event(dumps(envelope(exc.message, exc.type, exc.code)))
+                return
+            if isinstance(opened, Reply):
+                yield sse_event(dumps(_late_answer_error(target, opened)))
+                return
+            yield from self._relay(opened.response, opened.first, opened.chunks, target)
+        finally:
+            opening.abandon()
 
     def _relay(self, response, first, chunks, target):
         try:
@@ -98,9 +159,96 @@ class Upstream:
         request = template.copy()
         request.body = data
         request.headers["Content-Length"] = str(len(data))
-        if target.api_key:
-            request.headers["Authorization"] = f"Bearer {target.api_key}"
+        api_key = self.cipher.decrypt(target.api_key, target.name)
+        if api_key:
+            request.headers["Authorization"] = f"Bearer {api_key}"
         return request
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    response: requests.Response
+    first: bytes
+    chunks: Iterator[bytes]
+
+    def close(self):
+        self.response.close()
+
+
+class _Opening:
+    """`open()` run beside the caller (a greenlet under gevent's patched
+    threading), so that the caller can send keep-alives meanwhile. Whatever
+    `open()` returns after the caller gave up on it is closed."""
+
+    def __init__(self, open_):
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._result = self._error = None
+        self._abandoned = False
+        threading.Thread(target=self._run, args=(open_,), daemon=True,
+                         name="upstream-open").start()
+
+    def _run(self, open_):
+        try:
+            self._result = open_()
+        except BaseException as exc:  # handed to the caller by outcome()
+            self._error = exc
+        with self._lock:
+            self.done.set()
+            abandoned = self._abandoned
+        if abandoned:
+            self._close_result()
+
+    def outcome(self):
+        """What `open()` returned; raises what it raised. Only once `done`."""
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def abandon(self):
+        """The caller is gone, or has taken the outcome (closed with its stream)."""
+        with self._lock:
+            self._abandoned = True
+            done = self.done.is_set()
+        if done:
+            self._close_result()
+
+    def _close_result(self):
+        if isinstance(self._result, _OpenStream):
+            self._result.close()
+
+
+class _Abandoning:
+    """The kept-alive stream; closing it abandons the opening even if it was
+    never iterated (a generator's `finally` would not run then)."""
+
+    def __init__(self, stream, opening):
+        self._stream = stream
+        self._opening = opening
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._stream)
+
+    def close(self):
+        try:
+            self._stream.close()
+        finally:
+            self._opening.abandon()
+
+
+def _late_answer_error(target, reply: Reply) -> dict:
+    """The error event for an upstream that answered a kept-alive stream with
+    something else than a stream (its status and message, if it gave one)."""
+    try:
+        detail = loads(reply.body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        detail = None
+    message = f"The upstream of LLM '{target.name}' answered {reply.status}"
+    return envelope(f"{message}: {detail}" if detail else message, "upstream_error",
+                    "upstream_error_status", {"status": reply.status})
 
 
 class _OneSegmentRequests:

@@ -256,7 +256,8 @@ class WriteLock:
 
     def __init__(self, app):
         path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
-        self.connection = sqlite3.connect(path, isolation_level=None)
+        # An upstream callback may take it on the thread that opens a stream.
+        self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
 
     def take(self):
         self.connection.execute("BEGIN IMMEDIATE")

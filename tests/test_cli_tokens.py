@@ -94,3 +94,28 @@ def test_bootstrap_after_the_admin_token_was_revoked_makes_a_new_one(app, runner
         active = db.session.scalars(sa.select(ApiToken.name).where(
             ApiToken.role == "admin", ApiToken.revoked_at.is_(None))).all()
     assert len(active) == 1
+
+
+def test_tokens_help_lists_every_command_with_its_summary(runner):
+    result = invoke(runner, "tokens", "--help")
+    assert "Create, list, revoke and bootstrap API tokens." in result.output
+    for line in ("bootstrap  Print a new admin token if none is active.",
+                 "create     Create a token and print it alone on stdout.",
+                 "list       List tokens (never the tokens themselves).",
+                 "revoke     Revoke a token by name."):
+        assert line in result.output
+
+
+def test_create_help_says_what_each_role_may_do(runner):
+    output = " ".join(invoke(runner, "tokens", "create", "--help").output.split())
+    assert "What the token may do: admin (everything), publisher (publish LLMs and agents " \
+           "and answer their tasks), client (list and call LLMs, chat with agents)." in output
+
+
+def test_list_starts_with_a_header(runner):
+    invoke(runner, "tokens", "create", "ci", "--role", "client")
+    lines = invoke(runner, "tokens", "list").stdout.splitlines()
+    assert lines[0] == "NAME\tROLE\tSTATE\tCREATED\tLAST USED"
+    name, role, state, created, last_used = lines[1].split("\t")
+    assert (name, role, state, last_used) == ("ci", "client", "active", "never")
+    assert created.endswith("Z")

@@ -169,6 +169,24 @@ def test_sdk_lists_models_by_llm_name(sdk, llm):
     assert llm in [model.id for model in sdk.models.list()]
 
 
+def test_sdk_retrieves_a_model_by_llm_name(sdk, llm):
+    model = sdk.models.retrieve(llm)
+    assert (model.id, model.object, model.owned_by) == (llm, "model", "public")
+
+
+def test_sdk_retrieving_an_unknown_model_raises_not_found_pointing_at_the_list(sdk):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.models.retrieve("no-such-llm")
+    assert "GET /v1/models lists the models you can use" in str(caught.value)
+
+
+def test_sdk_calling_an_endpoint_we_do_not_serve_names_the_ones_we_do(sdk):
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.embeddings.create(model="fake-gpt", input="hi")
+    assert caught.value.body["code"] == "unsupported_endpoint"
+    assert "POST /v1/chat/completions" in caught.value.body["message"]
+
+
 def test_sdk_creates_a_chat_completion(sdk, fake, llm):
     completion = sdk.chat.completions.create(
         model=llm, messages=[{"role": "user", "content": "ping pong"}], temperature=0.1)
@@ -209,3 +227,33 @@ def test_sdk_raises_on_a_stream_the_upstream_breaks(sdk, fake, llm):
         model=llm, messages=[{"role": "user", "content": "hi"}], stream=True)
     with pytest.raises(openai.APIError, match="broke"):
         list(stream)
+
+
+# -- a late first byte ---------------------------------------------------------------
+
+def test_a_stream_whose_upstream_is_slow_to_start_gets_keepalives_then_the_answer(
+        live_server_factory, fake, http):
+    quick = live_server_factory({"SWITCHBOARD_STREAM_KEEPALIVE": "0.2"})
+    created = http.post(f"{quick.url}/api/v1/llms", headers=quick.headers("admin"), json={
+        "name": "slow-start", "model": "m", "url": fake.url})
+    assert created.status_code == 201
+    fake.script(chunks=["loaded", " at last"], delay=1.0)  # a model still loading
+    started = time.monotonic()
+    with infer(quick, http, "slow-start", {**CHAT, "stream": True}, stream=True) as response:
+        assert response.status_code == 200
+        lines = [(time.monotonic() - started, line) for line in response.iter_lines() if line]
+    comments = [at for at, line in lines if line == b": keepalive"]
+    assert len(comments) >= 3
+    assert comments[0] < 0.8  # the headers and a first comment well before the first byte
+    payloads = [line[len(b"data: "):] for _, line in lines if line.startswith(b"data: ")]
+    assert payloads[-1] == b"[DONE]"
+    assert [json.loads(p)["choices"][0]["delta"]["content"] for p in payloads[:-1]] == [
+        "loaded", " at last"]
+
+    fake.script(chunks=["through", " the SDK"], delay=0.7)
+    sdk = openai.OpenAI(base_url=quick.url + "/v1", api_key=quick.tokens["client"],
+                        max_retries=0, timeout=10)
+    stream = sdk.chat.completions.create(model="slow-start", stream=True,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "through the SDK"
+    sdk.close()

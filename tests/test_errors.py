@@ -167,7 +167,8 @@ def test_the_key_is_not_in_an_llms_repr(app, client, auth):
     with app.app_context():
         llm = db.session.scalar(sa.select(Llm))
         assert SECRET not in repr(llm)
-        assert llm.api_key == SECRET  # stored, for the upstream call
+        # stored encrypted, for the upstream call
+        assert app.extensions["api_key_cipher"].decrypt(llm.api_key, "gpt-x") == SECRET
 
 
 @pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2}])

@@ -155,7 +155,7 @@ def test_v1_chat_completions_with_an_unknown_model_is_404(client, auth, llm):
     response = client.post("/v1/chat/completions", json={**CHAT, "model": "nope"},
                            headers=auth("client"))
     error = error_of(response, 404)
-    assert error["message"] == "LLM 'nope' not found"
+    assert error["message"] == "LLM 'nope' not found; GET /v1/models lists the models you can use"
 
 
 @pytest.mark.parametrize("model", [None, "", 5])

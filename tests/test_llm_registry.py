@@ -201,15 +201,16 @@ def test_an_update_racing_another_is_a_version_conflict(app, created):
     from services import registry
     from services.errors import Conflict
 
+    cipher = app.extensions["api_key_cipher"]
     with app.app_context():
         mine = db.session()
         loaded = registry.get_llm(mine, "gpt-x")  # this request read version 1 ...
         assert loaded.version == 1
         with app.app_context():  # ... and another request commits before it writes
-            registry.update_llm(db.session, "gpt-x", {"description": "theirs"})
+            registry.update_llm(db.session, "gpt-x", {"description": "theirs"}, cipher)
             db.session.commit()
         with pytest.raises(Conflict) as caught:
-            registry.update_llm(mine, "gpt-x", {"description": "mine"})
+            registry.update_llm(mine, "gpt-x", {"description": "mine"}, cipher)
         assert caught.value.code == "version_conflict"
     with app.app_context():
         assert registry.get_llm(db.session, "gpt-x").description == "theirs"

@@ -10,8 +10,10 @@ import time
 import pytest
 import requests
 import responses
+from cryptography.fernet import Fernet
 from responses import matchers
 
+from services.api_keys import ApiKeyCipher
 from services.bus.memory import MemoryTaskBus
 from services.errors import BadGateway
 from services.inference import Target
@@ -26,15 +28,21 @@ CHAT = {"model": "client-said", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"object": "chat.completion", "choices": [{"message": {"content": "yo"}}]}
 
 
+SECRET_KEY = Fernet.generate_key().decode()
+CIPHER = ApiKeyCipher(SECRET_KEY)
+
+
 def target(url=URL, api_key="sk-stored", model="row-model"):
+    """A public LLM's Target, its key as the database holds it (encrypted)."""
     fields = {f.name: None for f in dataclasses.fields(Target)}  # publisher-side ones stay None
     return Target(**{**fields, "name": "gpt-x", "kind": "public", "status": "active",
-                     "model": model, "url": url, "api_key": api_key})
+                     "model": model, "url": url, "api_key": CIPHER.encrypt(api_key)})
 
 
 @pytest.fixture
 def upstream():
-    return Upstream(connect_timeout=1.0, read_timeout=5.0, stream_idle_timeout=5.0)
+    return Upstream(connect_timeout=1.0, read_timeout=5.0, stream_idle_timeout=5.0,
+                    cipher=CIPHER)
 
 
 @pytest.fixture
@@ -67,7 +75,7 @@ def test_the_body_goes_to_the_urls_chat_completions_as_json(upstream, mocked):
 
 
 def test_the_relay_replaces_the_clients_model_with_the_rows(mocked):
-    relay = Relay.from_config(DEFAULTS, bus=MemoryTaskBus())
+    relay = Relay.from_config({**DEFAULTS, "API_KEY_SECRET": SECRET_KEY}, bus=MemoryTaskBus())
     body = {**CHAT, "seed": 7, "response_format": {"type": "json_object"}}
     mocked.post(COMPLETIONS, json=COMPLETION, match=[
         matchers.json_params_matcher({**body, "model": "row-model"})])
@@ -178,6 +186,80 @@ def test_a_stream_broken_before_its_first_byte_is_bad_gateway(upstream, fake_ope
     fake_openai.script(chunks=["one"], break_after=0)
     with pytest.raises(BadGateway):
         upstream.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+
+
+# -- keep-alives while the first byte is late -------------------------------------
+
+KEEPALIVE = 0.1
+
+
+@pytest.fixture
+def keeping_alive():
+    return Upstream(connect_timeout=1.0, read_timeout=5.0, stream_idle_timeout=5.0,
+                    cipher=CIPHER, keepalive=KEEPALIVE)
+
+
+def timed_events(stream):
+    """[(seconds since the call, event bytes)] of an SSE byte stream."""
+    started, events = time.monotonic(), []
+    for data in stream:
+        events += [(time.monotonic() - started, e) for e in data.split(b"\n\n") if e]
+    return events
+
+
+def test_a_late_first_byte_gets_keepalive_comments_then_the_stream(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one", "two"], delay=0.5)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    assert (reply.status, reply.content_type) == (200, "text/event-stream")
+    events = timed_events(reply.stream)
+    comments = [at for at, e in events if e == b": keepalive"]
+    data = [e for _, e in events if e.startswith(b"data: ")]
+    assert len(comments) >= 3  # one at once (the headers go), then every KEEPALIVE s
+    assert comments[0] < 0.25
+    assert events[0][1] == b": keepalive" and events[-1][1] == b"data: [DONE]"
+    assert b'"one"' in data[0] and b'"two"' in data[1]
+
+
+def test_a_prompt_first_byte_gets_no_keepalive(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one"])
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    assert b": keepalive" not in b"".join(reply.stream)
+
+
+def test_a_prompt_error_keeps_its_status_with_keepalives_on(keeping_alive, fake_openai):
+    fake_openai.script(status=401, body={"error": {"message": "bad key"}})
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    assert reply.stream is None and reply.status == 401
+
+
+def test_a_late_error_is_the_streams_last_event(keeping_alive, fake_openai):
+    fake_openai.script(status=429, body={"error": {"message": "slow down"}}, delay=0.3)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    *comments, (_, last) = timed_events(reply.stream)
+    assert comments and all(e == b": keepalive" for _, e in comments)
+    assert json.loads(last.removeprefix(b"data: "))["error"] == {
+        "message": "The upstream of LLM 'gpt-x' answered 429: slow down",
+        "type": "upstream_error", "code": "upstream_error_status", "details": {"status": 429}}
+
+
+def test_a_late_failure_to_connect_is_the_streams_last_event(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one"], break_after=0, delay=0.3)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    *_, (_, last) = timed_events(reply.stream)
+    assert json.loads(last.removeprefix(b"data: "))["error"]["code"] == "upstream_unreachable"
+
+
+def test_a_kept_alive_stream_closed_unread_closes_the_late_answer(keeping_alive, fake_openai):
+    fake_openai.script(chunks=["one", "two"], delay=0.3, chunk_delay=5.0)
+    reply = keeping_alive.forward(target(url=fake_openai.url), {**CHAT, "stream": True})
+    reply.stream.close()  # the client left before a byte was written
+    opening = reply.stream._opening
+    assert opening.done.wait(5)
+    response = opening.outcome().response
+    deadline = time.monotonic() + 5
+    while not response.raw.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert response.raw.closed
 
 
 def test_a_stream_broken_midway_ends_with_an_error_event(upstream, fake_openai):

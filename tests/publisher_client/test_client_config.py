@@ -99,6 +99,12 @@ def test_a_wake_recipe_url_headers_and_body_are_kept_out_of_the_repr(tmp_path):
      "token_env: environment variable NOPE is not set"),
     ("server: h\ntoken: t\nllms: [{name: a, type: echo}]\n",
      "server: must be an http:// or https:// URL"),
+    ("server: http://127.0.0.1:8000/v1\ntoken: t\nllms: [{name: a, type: echo}]\n",
+     "server: must be Switchboard's base URL, without /v1 (the publisher adds /api/v1 "
+     "itself): use http://127.0.0.1:8000"),
+    ("server: https://h/sb/api/v1/\ntoken: t\nllms: [{name: a, type: echo}]\n",
+     "server: must be Switchboard's base URL, without /api/v1 (the publisher adds /api/v1 "
+     "itself): use https://h/sb"),
     ("server: http://h\ntoken: t\nllms: [{name: a, type: ollama}]\n",
      "llms[0].type: unknown backend type 'ollama' (expected one of: openai, echo)"),
     ("server: http://h\ntoken: t\nllms: [{name: a, type: openai, model: m}]\n",
@@ -163,3 +169,14 @@ def test_cli_check_config(tmp_path, capsys, monkeypatch):
     assert main(["check-config", "--config", str(path)]) == 0
 
     assert "OK (1 LLM(s), 1 agent(s))" in capsys.readouterr().out
+
+
+def test_cli_check_config_catches_a_server_with_the_v1_suffix(tmp_path, capsys):
+    path = write(tmp_path, "server: http://127.0.0.1:8000/v1\ntoken: t\n"
+                           "llms: [{name: my-echo, type: echo}]\n")
+
+    assert main(["check-config", "--config", str(path)]) == 2
+
+    assert capsys.readouterr().err == (
+        f"error: {path}: server: must be Switchboard's base URL, without /v1 (the publisher "
+        f"adds /api/v1 itself): use http://127.0.0.1:8000\n")

@@ -222,6 +222,7 @@ def test_shutdown_deletes_the_session(make_config, mocked):
 
 
 def test_run_returns_after_stop_and_disconnects(make_config, mocked):
+    mocked.get(f"{BACKEND}/models", json={"data": []})   # the backend check at start
     mocked.post(f"{API}/publishers/register", json=register_reply(), status=201)
     publisher = Publisher(make_config(heartbeat_seconds=60))
 
@@ -234,7 +235,7 @@ def test_run_returns_after_stop_and_disconnects(make_config, mocked):
 
     publisher.run()
 
-    assert [c.request.method for c in mocked.calls] == ["POST", "GET", "DELETE"]
+    assert [c.request.method for c in mocked.calls] == ["GET", "POST", "GET", "DELETE"]
 
 
 def test_an_unwritable_session_file_is_a_warning_not_a_crash(make_config, mocked, tmp_path,
@@ -247,3 +248,71 @@ def test_an_unwritable_session_file_is_a_warning_not_a_crash(make_config, mocked
 
     assert session_id == "sess-1"
     assert "could not save the session id" in caplog.text
+
+
+# -- a wrong `server`, a backend that is down ------------------------------------
+
+WERKZEUG_404 = ("<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n"
+                "<h1>Not Found</h1>\n<p>The requested URL was not found on the server. If you "
+                "entered the URL manually please check your spelling and try again.</p>\n")
+
+
+@pytest.mark.parametrize("reply", [
+    {"body": WERKZEUG_404, "content_type": "text/html"},
+    {"json": {"error": {"message": "Not Found", "type": "not_found_error", "code": "not_found",
+                        "details": {}}}},
+])
+def test_a_404_on_register_says_what_server_should_be_in_one_line(make_config, mocked, reply):
+    mocked.post(f"{API}/publishers/register", status=404, **reply)
+
+    with pytest.raises(ServerError) as raised:
+        Publisher(make_config()).register()
+
+    assert str(raised.value) == (
+        f"POST {API}/publishers/register: 404: no Switchboard there; check `server`: it must "
+        "be Switchboard's base URL (e.g. http://127.0.0.1:8000), the one `make run` serves, "
+        "without /api/v1")
+
+
+def test_a_404_for_an_agents_missing_llm_keeps_the_servers_message(make_config, mocked):
+    mocked.post(f"{API}/publishers/register", status=404, json={"error": {
+        "message": "LLM 'nope' not found", "type": "not_found_error", "code": "llm_not_found",
+        "details": {}}})
+
+    with pytest.raises(ServerError, match="404 LLM 'nope' not found"):
+        Publisher(make_config()).register()
+
+
+def test_a_backend_down_at_start_is_a_warning_naming_it(make_config, mocked, caplog):
+    mocked.get(f"{BACKEND}/models", body=requests.ConnectionError("refused"))
+    mocked.post(f"{API}/publishers/register", status=401, json={"error": {
+        "message": "Unknown token", "type": "authentication_error", "code": "invalid_token",
+        "details": {}}})
+
+    with caplog.at_level("WARNING"), pytest.raises(ServerError):
+        Publisher(make_config()).run()   # the check comes first, before the register
+
+    [record] = [r for r in caplog.records if "backend" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        f"backend of LLM vllm-local is not available (GET {BACKEND}/models failed): requests "
+        "to it fail until it answers")
+
+
+def test_a_backend_with_a_wake_recipe_down_at_start_is_woken_later(make_config, mocked, caplog):
+    mocked.get(f"{BACKEND}/models", status=503)
+
+    with caplog.at_level("WARNING"):
+        down = Publisher(make_config(llms=[llm(wake=WAKE)])).check_backends()
+
+    assert down == ["vllm-local"]
+    assert "published hibernating and woken by its recipe on the first request" in caplog.text
+
+
+def test_an_answering_backend_gives_no_warning(make_config, mocked, caplog):
+    mocked.get(f"{BACKEND}/models", json={"data": []})
+
+    with caplog.at_level("WARNING"):
+        assert Publisher(make_config()).check_backends() == []
+
+    assert caplog.text == ""

@@ -44,14 +44,28 @@ def infer(task_id="t1", streaming=False, body=BODY, llm="vllm-local"):
 
 
 def expect_result(mocked, task_id="t1"):
-    """Register the result endpoint; returns an Event set when it is called."""
-    posted = threading.Event()
+    """Register the result endpoint; returns what `wait(timeout)`s until it was
+    called and its call recorded (`responses` records a call only after its
+    callback returns: reading mocked.calls on the callback's word alone races)."""
+    url = f"{API}/tasks/{task_id}/result"
+    called = threading.Event()
 
     def result(request):
-        posted.set()
+        called.set()
         return 200, {}, json.dumps({"accepted": True})
-    mocked.add_callback(responses.POST, f"{API}/tasks/{task_id}/result", callback=result)
-    return posted
+    mocked.add_callback(responses.POST, url, callback=result)
+
+    class Posted:
+        @staticmethod
+        def wait(timeout):
+            def recorded():
+                return any(c.request.url == url and getattr(c.response, "status_code", None)
+                           == 200 for c in list(mocked.calls))
+            if not called.wait(timeout):
+                return False
+            wait_for(recorded, timeout, what=f"the call to {url} to be recorded")
+            return True
+    return Posted()
 
 
 def result_of(mocked, task_id="t1"):
