@@ -28,12 +28,12 @@ def list_usable_llms(session, is_live) -> list[Llm]:
 
 
 def is_usable(llm: Llm, is_live) -> bool:
-    """Whether the LLM can answer now: a public row, or a virtual row, active
-    or hibernating (it is woken first), whose publisher session
-    `is_live(session_id)`."""
+    """Whether the LLM can answer now (DESIGN.md: "public rows, and virtual
+    rows that are active with a live session or hibernating"): a hibernating
+    row is woken first, and gc-sweep retires one whose publisher is gone."""
     if llm.status == Status.INACTIVE:
         return False
-    if llm.kind != Kind.VIRTUAL:
+    if llm.kind != Kind.VIRTUAL or llm.status == Status.HIBERNATING:
         return True
     return bool(llm.provider_session_id) and is_live(llm.provider_session_id)
 

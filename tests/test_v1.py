@@ -62,12 +62,12 @@ def error_of(response, status):
 
 # -- GET /v1/models --------------------------------------------------------------
 
-def test_models_lists_public_llms_and_virtual_llms_whose_session_is_live(
+def test_models_lists_public_llms_live_virtual_llms_and_hibernating_ones(
         app, client, auth, public_llm):
     register(client, auth, "live-one", ("live-asleep", "hibernating"))
     add_rows(app, orphaned_llm("orphan-active"), orphaned_llm("orphan-asleep", "hibernating"),
              orphaned_llm("gone", Status.INACTIVE))
-    assert model_ids(client, auth) == ["gpt-x", "live-asleep", "live-one"]
+    assert model_ids(client, auth) == ["gpt-x", "live-asleep", "live-one", "orphan-asleep"]
 
 
 def test_models_lists_agents_only_on_usable_llms(app, client, auth, admin, public_llm):
