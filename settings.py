@@ -25,6 +25,12 @@ DEFAULTS = {
     "WAKE_TIMEOUT": 300.0,
     "MAX_BODY_BYTES": 4 * 1024 * 1024,
     "MAX_PENDING_PER_LLM": 256,
+    # Delivery (DESIGN.md): redelivery of unacknowledged tasks, lost
+    # publishers, the poll cap.
+    "TASK_ACK_TIMEOUT": 10.0,
+    "TASK_MAX_ATTEMPTS": 2,
+    "PUBLISHER_LOST_TIMEOUT": 60.0,
+    "MAX_POLLS_PER_SESSION": 4,
     # Not in the contract, but tunable: SSE comment interval while a stream
     # waits, and the connect timeout towards public upstreams.
     "STREAM_KEEPALIVE": 15.0,

@@ -1,5 +1,6 @@
 """The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
 import logging
+import math
 
 from flask import Blueprint, current_app, request
 
@@ -8,7 +9,6 @@ from extensions import db
 from models import utcnow
 from schemas import publisher as schemas
 from services import lifecycle
-from services.errors import Invalid
 
 bp = Blueprint("publishers", __name__)
 log = logging.getLogger(__name__)
@@ -35,16 +35,19 @@ def register():
 def heartbeat(session_id):
     lifecycle.heartbeat(db.session, caller(), session_id, utcnow())
     db.session.commit()
+    bus().seen(session_id)  # a publisher busy with a long task is not lost
     return {"ok": True}
 
 
 @bp.get("/publishers/<session_id>/tasks")
 @require("publisher")
 def poll(session_id):
-    wait = _wait_seconds(request.args.get("wait"))
+    query = schemas.poll_query.load(request.args)
+    wait = min(query.get("wait", math.inf), float(current_app.config["POLL_WAIT_MAX"]))
     lifecycle.owned_session(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the long-poll
-    return {"tasks": bus().poll(session_id, wait, peer_connected(request.environ))}
+    return {"tasks": bus().poll(session_id, wait, peer_connected(request.environ),
+                                ack=query.get("ack"))}
 
 
 @bp.delete("/publishers/<session_id>")
@@ -76,17 +79,3 @@ def post_chunks(task_id):
     bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
                       data["done"], owner=lifecycle.task_owner(caller()))
     return {"accepted": True}
-
-
-def _wait_seconds(raw) -> float:
-    limit = float(current_app.config["POLL_WAIT_MAX"])
-    if raw is None:
-        return limit
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait < float("inf"):
-        raise Invalid("'wait' must be a number of seconds >= 0", code="validation_failed",
-                      details={"wait": ["Not a valid number of seconds."]})
-    return min(wait, limit)

@@ -60,9 +60,13 @@ class SwitchboardAPI:
         self._call("POST", f"/publishers/{session_id}/heartbeat", json={},
                    not_found=SessionNotFound)
 
-    def poll(self, session_id: str, wait: float) -> list[dict]:
-        """Wait up to `wait` seconds for tasks. Raises SessionNotFound."""
-        reply = self._call("GET", f"/publishers/{session_id}/tasks", params={"wait": wait},
+    def poll(self, session_id: str, wait: float, ack: list[str] = ()) -> list[dict]:
+        """Wait up to `wait` seconds for tasks, acknowledging the ids in `ack`
+        (the tasks the last poll brought: the parameter is always sent, so the
+        server redelivers a task whose poll answer was lost). Raises
+        SessionNotFound."""
+        reply = self._call("GET", f"/publishers/{session_id}/tasks",
+                           params={"wait": wait, "ack": ",".join(ack)},
                            read_timeout=wait + POLL_READ_MARGIN, not_found=SessionNotFound)
         return reply.get("tasks") or []
 

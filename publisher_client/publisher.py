@@ -179,17 +179,21 @@ class Publisher:
     # -- the poll loop and the heartbeat --------------------------------------
 
     def _poll_loop(self):
+        acks: list[str] = []  # what the last poll brought, acknowledged by the next one
         while not self.stopping.is_set():
             generation, session_id = self.generation, self.session_id
             try:
-                tasks = self.api.poll(session_id, self.config.poll_wait_seconds)
+                tasks = self.api.poll(session_id, self.config.poll_wait_seconds, acks)
             except SessionNotFound:
+                acks = []  # a new session has none of them
                 self._register_again(generation)
                 continue
             except ServerUnavailable as exc:
                 self._wait_for_server(exc)
                 continue
             self._recovered()
+            acks = [task["task_id"] for task in tasks if isinstance(task, dict)
+                    and task.get("kind") != "cancel" and isinstance(task.get("task_id"), str)]
             for task in tasks:
                 self._start(task)
 
@@ -298,6 +302,11 @@ class Publisher:
                 log.info("task %s cancelled by the server", task_id)
                 call.abort()
             return
+        with self._calls_lock:
+            if task_id in self._calls:  # delivered again: our acknowledgement was lost
+                log.info("task %s delivered again (attempt %s); it is already running",
+                         task_id, task.get("attempt"))
+                return
         llm = self.llms.get(task.get("llm"))
         if llm is None or kind not in ("infer", "wake"):
             what = f"LLM '{task.get('llm')}' is not published here" if llm is None \
@@ -305,15 +314,22 @@ class Publisher:
             log.warning("task %s: %s", task_id, what)
             _spawn(self._post_result, task_id, {"error": what}, name=f"task-{task_id}")
             return
-        if kind == "wake":
-            _spawn(self._run_wake, llm, task_id, name=f"wake-{task_id}")
-            return
         call = Call()
         with self._calls_lock:
             self._calls[task_id] = call
+        if kind == "wake":
+            _spawn(self._run_wake, llm, task_id, name=f"wake-{task_id}")
+            return
         _spawn(self._run_infer, llm, task, call, name=f"infer-{task_id}")
 
     def _run_wake(self, llm: LocalLlm, task_id: str):
+        try:
+            self._wake(llm, task_id)
+        finally:
+            with self._calls_lock:
+                self._calls.pop(task_id, None)
+
+    def _wake(self, llm: LocalLlm, task_id: str):
         if llm.waker is None:
             self._post_result(task_id, {"error": f"LLM '{llm.name}' has no wake recipe"})
             return

@@ -1,8 +1,9 @@
-from marshmallow import ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from schemas.agent import Params
 from schemas.common import Name, StrictBoolean, StrictInteger, StrictSchema
 from schemas.llm import TIERS
+from services.bus.base import MAX_ACKS_PER_POLL
 
 SESSION_ID = validate.Regexp(r"^[A-Za-z0-9_-]{1,64}$",
                              error="must be 1-64 letters, digits, '-' or '_'")
@@ -66,6 +67,30 @@ class ChunksSchema(StrictSchema):
     seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
 
 
+class CommaSeparated(fields.List):
+    """A query parameter holding a comma-separated list ("" is the empty list)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise ValidationError("Not a valid comma-separated list.")
+        items = [item for item in value.split(",") if item] if value else []
+        return super()._deserialize(items, attr, data, **kwargs)
+
+
+class PollQuerySchema(Schema):
+    """`?wait=<seconds>&ack=<id>,<id>`: `ack` given (even empty) makes the
+    session acknowledging (DESIGN.md, "Delivery"). Other parameters (a
+    proxy's cache buster) are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    wait = fields.Float(validate=validate.Range(min=0), allow_nan=False)
+    ack = CommaSeparated(fields.String(validate=SESSION_ID),
+                         validate=validate.Length(max=MAX_ACKS_PER_POLL))
+
+
 register = RegisterSchema()
 result = ResultSchema()
 chunks = ChunksSchema()
+poll_query = PollQuerySchema()

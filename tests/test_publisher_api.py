@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from extensions import db
 from models import Llm, utcnow
 from services import tokens as token_service
+from tests.support.waiting import wait_until
 
 LLM = {"name": "vllm-local", "type": "openai", "model": "qwen"}
 ASK = {"messages": [{"role": "user", "content": "hi"}]}
@@ -403,3 +404,38 @@ def test_gc_sweep_settles_turns_a_killed_worker_left_pending(app, runner):
         error = db.session.get(ChatMessage, "m1").error
     assert statuses == {"m0": "complete", "m1": "error", "m2": "complete", "m3": "pending"}
     assert error.startswith("interrupted")
+
+
+# -- delivery: ack, attempt, the poll cap ---------------------------------------------
+
+def test_tasks_carry_their_attempt_and_an_ack_list_is_checked(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    poll = f"/api/v1/publishers/{session_id}/tasks"
+    thread, _ = infer_in_background(app, auth)
+    task = take_task(client, auth, session_id)
+    assert task["attempt"] == 1
+    too_many = ",".join(f"id{n}" for n in range(65))
+    response = client.get(f"{poll}?wait=0&ack={too_many}", headers=auth("publisher"))
+    assert response.status_code == 400
+    assert "ack" in response.json["error"]["details"]
+    bad = client.get(f"{poll}?wait=0&ack=no%20spaces", headers=auth("publisher"))
+    assert bad.status_code == 400
+    fine = client.get(f"{poll}?wait=0&ack={task['task_id']},unknown-id&cb=123",
+                      headers=auth("publisher"))
+    assert (fine.status_code, fine.json) == (200, {"tasks": []})
+    client.post(f"/api/v1/tasks/{task['task_id']}/result", headers=auth("publisher"),
+                json={"status": 200, "body": {}})
+    thread.join(5)
+
+
+@pytest.mark.parametrize("app_config", [{"MAX_POLLS_PER_SESSION": 1}])
+def test_a_poll_past_the_sessions_cap_is_429(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    held, _ = in_background(lambda: app.test_client().get(
+        f"/api/v1/publishers/{session_id}/tasks?wait=3", headers=auth("publisher")))
+    wait_until(lambda: app.extensions["task_bus"].stats()["polls"] == 1, message="poll held")
+    response = poll(client, auth("publisher"), session_id, wait=0)
+    assert response.status_code == 429
+    assert response.json["error"]["code"] == "too_many_polls"
+    assert response.headers["Retry-After"] == "1"
+    held.join(5)

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from services.errors import (Conflict, Forbidden, GatewayTimeout, Gone, NotFound, TooManyRequests,
-                             Unavailable)
+from services.errors import (BadGateway, Conflict, Forbidden, GatewayTimeout, Gone, NotFound,
+                             TooManyRequests, Unavailable)
+from services.bus.base import Delivery
 from tests.support import stack
 from tests.support.buses import Buses
 from tests.support.waiting import wait_until
@@ -52,7 +53,7 @@ def later(delay, fn, *args):
 def test_poll_hands_over_queued_tasks_with_their_ids(bus):
     task_id = submit(bus)
     tasks = bus.poll(SID, wait=0)
-    assert tasks == [{"task_id": task_id, **INFER}]
+    assert tasks == [{"task_id": task_id, **INFER, "attempt": 1}]
     bus.release(task_id)
 
 
@@ -349,3 +350,164 @@ def test_a_late_post_after_the_stream_ended_is_a_conflict_but_a_retry_is_accepte
         bus.push_chunks(task_id, ["b"], seq=2, done=False)
     assert bus.next_chunks(task_id, 5, 1) == (["a"], True, None)
     bus.release(task_id)
+
+
+
+# -- delivery: acknowledgements, redelivery, lost publishers, the poll cap --------
+
+QUICK = Delivery(ack_timeout=0.3, max_attempts=2, lost_timeout=60.0, max_polls=2)
+
+
+def test_an_unacknowledged_task_is_delivered_again_first_with_its_next_attempt(buses):
+    bus = buses.make(delivery=QUICK)
+    first, second = submit(bus), submit(bus)
+    delivered = bus.poll(SID, wait=0, ack=[])  # an acknowledging session
+    assert [(t["task_id"], t["attempt"]) for t in delivered] == [(first, 1), (second, 1)]
+    bus.poll(SID, wait=0, ack=[second])  # the first one's ack never comes
+    waiter = threading.Thread(target=bus.wait_result, args=(first, 0.5))  # time moves it
+    waiter.start()
+    again = bus.poll(SID, wait=2, ack=[])
+    waiter.join()
+    assert [(t["task_id"], t["attempt"]) for t in again] == [(first, 2)]
+    bus.complete(first, {"status": 200, "body": {"n": 1}})
+    assert bus.wait_result(first) == {"status": 200, "body": {"n": 1}}
+    bus.release(first)
+    bus.release(second)
+
+
+def test_after_the_last_attempt_the_client_gets_504_and_the_publisher_410(buses):
+    bus = buses.make(delivery=QUICK)  # two deliveries, 0.3 s each to acknowledge
+    task_id = submit(bus)
+    assert [t["attempt"] for t in bus.poll(SID, wait=0, ack=[])] == [1]
+    assert bus.wait_result(task_id, poll_interval=0.6) is None  # queued again meanwhile
+    assert [t["attempt"] for t in bus.poll(SID, wait=0, ack=[])] == [2]
+    with pytest.raises(GatewayTimeout) as err:
+        bus.wait_result(task_id)
+    assert err.value.code == "task_not_acknowledged"
+    with pytest.raises(Gone):
+        bus.complete(task_id, {"status": 200, "body": {}})
+    assert bus.poll(SID, wait=0, ack=[]) == [{"kind": "cancel", "task_id": task_id}]
+    bus.release(task_id)
+
+
+def test_an_acknowledged_task_is_never_delivered_again(buses):
+    bus = buses.make(delivery=QUICK)
+    task_id = submit(bus)
+    bus.poll(SID, wait=0, ack=[])
+    bus.poll(SID, wait=0, ack=[task_id, "no-such-task"])
+    assert bus.wait_result(task_id, poll_interval=0.8) is None  # past the ack timeout
+    assert bus.poll(SID, wait=0, ack=[]) == []
+    bus.complete(task_id, {"status": 200, "body": {}})
+    bus.release(task_id)
+
+
+def test_a_result_or_chunks_acknowledge_the_task(buses):
+    bus = buses.make(delivery=QUICK)
+    stream = submit(bus, STREAM)
+    bus.poll(SID, wait=0, ack=[])
+    bus.push_chunks(stream, ["a"], seq=0, done=False)
+    assert bus.next_chunks(stream, 5, 0.8) == (["a"], False, None)
+    assert bus.next_chunks(stream, 5, 0.5) == ([], False, None)  # past the ack timeout
+    assert bus.poll(SID, wait=0, ack=[]) == []
+    bus.release(stream)
+
+
+def test_a_session_that_never_acknowledges_gets_no_redelivery(buses):
+    bus = buses.make(delivery=QUICK)
+    task_id = submit(bus)
+    assert len(bus.poll(SID, wait=0)) == 1
+    assert bus.wait_result(task_id, poll_interval=0.8) is None
+    assert bus.poll(SID, wait=0) == []
+    bus.complete(task_id, {"status": 200, "body": {}})
+    assert bus.wait_result(task_id) == {"status": 200, "body": {}}
+    bus.release(task_id)
+
+
+def test_a_late_acknowledgement_takes_a_requeued_task_back(buses):
+    bus = buses.make(delivery=QUICK)
+    task_id = submit(bus)
+    bus.poll(SID, wait=0, ack=[])
+    assert bus.wait_result(task_id, poll_interval=0.8) is None  # requeued meanwhile
+    assert bus.poll(SID, wait=0, ack=[task_id]) == []  # the publisher had it after all
+    bus.complete(task_id, {"status": 200, "body": {}})
+    assert bus.wait_result(task_id) == {"status": 200, "body": {}}
+    bus.release(task_id)
+
+
+def test_acknowledging_another_sessions_task_acknowledges_nothing(buses):
+    bus = buses.make(delivery=QUICK)
+    task_id = submit(bus)
+    bus.poll(SID, wait=0, ack=[])
+    bus.poll("someone-else", wait=0, ack=[task_id])
+    assert bus.wait_result(task_id, poll_interval=0.8) is None
+    assert [t["attempt"] for t in bus.poll(SID, wait=0, ack=[])] == [2]
+    bus.release(task_id)
+
+
+def test_a_lost_publisher_fails_its_tasks_at_once(buses):
+    bus = buses.make(delivery=Delivery(lost_timeout=0.5))
+    picked = submit(bus, STREAM)
+    bus.poll(SID, wait=0)  # the publisher dies now: no poll, heartbeat or post any more
+    queued = submit(bus)
+    started = time.monotonic()
+    with pytest.raises(BadGateway) as err:
+        while True:
+            bus.next_chunks(picked, idle_timeout=30, poll_interval=5)
+    assert err.value.code == "publisher_lost"
+    assert time.monotonic() - started < 2
+    with pytest.raises(BadGateway):
+        bus.wait_result(queued)
+    with pytest.raises(Gone):
+        bus.push_chunks(picked, ["late"], seq=0, done=False)
+    bus.release(picked)
+    bus.release(queued)
+
+
+def test_heartbeats_and_held_polls_keep_a_publisher_from_being_lost(buses):
+    bus = buses.make(delivery=Delivery(lost_timeout=0.5))
+    task_id = submit(bus)
+    bus.poll(SID, wait=0)
+    for _ in range(4):  # a long task, heartbeating
+        bus.seen(SID)
+        assert bus.wait_result(task_id, poll_interval=0.3) is None
+    poller = threading.Thread(target=bus.poll, args=(SID, 1.2))
+    poller.start()
+    wait_until(lambda: bus.stats()["polls"] == 1 or bus.is_live(SID))
+    assert bus.wait_result(task_id, poll_interval=1.0) is None  # a held poll is life too
+    poller.join()
+    bus.complete(task_id, {"status": 200, "body": {}})
+    bus.release(task_id)
+
+
+def test_polls_past_the_cap_are_429(buses):
+    bus = buses.make(delivery=QUICK)  # max_polls=2
+    pollers = [threading.Thread(target=bus.poll, args=(SID, 1.0)) for _ in range(2)]
+    for poller in pollers:
+        poller.start()
+    wait_until(lambda: _held(bus, 2), message="two polls held")
+    with pytest.raises(TooManyRequests) as err:
+        bus.poll(SID, wait=0)
+    assert err.value.code == "too_many_polls"
+    assert err.value.headers == {"Retry-After": "1"}
+    for poller in pollers:
+        poller.join()
+    assert bus.poll(SID, wait=0) == []  # room again
+
+
+def test_a_poll_whose_publisher_hung_up_stops_being_held(buses):
+    bus = buses.make(delivery=QUICK)
+    hung_up = threading.Event()
+    box = {}
+    poller = threading.Thread(target=lambda: box.setdefault(
+        "tasks", bus.poll(SID, 20, connected=lambda: not hung_up.is_set())))
+    poller.start()
+    wait_until(lambda: _held(bus, 1), message="the poll is held")
+    hung_up.set()
+    started = time.monotonic()
+    poller.join(5)
+    assert box["tasks"] == []
+    assert time.monotonic() - started < 3  # within the 2 s connection check
+
+
+def _held(bus, count) -> bool:
+    return bus.stats()["polls"] == count

@@ -13,6 +13,8 @@ def create_bus(config) -> TaskBus:
         from services.bus.redis import RedisTaskBus
 
         return RedisTaskBus.from_config(config)
+    from services.bus.base import Delivery
     from services.bus.memory import MemoryTaskBus
 
-    return MemoryTaskBus(session_liveness=float(config["SESSION_LIVENESS"]))
+    return MemoryTaskBus(session_liveness=float(config["SESSION_LIVENESS"]),
+                         delivery=Delivery.from_config(config))

@@ -17,13 +17,36 @@ manager); the Redis bus spans workers and hosts.
 """
 import abc
 import contextlib
+from dataclasses import dataclass
 
-from services.errors import TooManyRequests
+from services.errors import BadGateway, GatewayTimeout, TooManyRequests, Unavailable
 
 MAX_TASKS_PER_POLL = 64
+MAX_ACKS_PER_POLL = 64
+CONNECTION_CHECK_INTERVAL = 2.0  # a held poll looks this often whether its publisher hung up
 MAX_BUFFERED_CHUNKS = 10_000  # unread chunks of one stream: past it, the publisher gets 429
 TOMBSTONE_TTL = 600.0         # a finished task is remembered this long (late posts: 409/410)
 DONE_MARKER = "[DONE]"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How tasks reach publishers (DESIGN.md, "Delivery"): an acknowledging
+    session's task not acknowledged within `ack_timeout` is delivered again, up
+    to `max_attempts` deliveries; a session with no sign of life for
+    `lost_timeout` is lost; at most `max_polls` polls of a session are held."""
+
+    ack_timeout: float = 10.0
+    max_attempts: int = 2
+    lost_timeout: float = 60.0
+    max_polls: int = 4
+
+    @classmethod
+    def from_config(cls, config) -> "Delivery":
+        return cls(ack_timeout=float(config["TASK_ACK_TIMEOUT"]),
+                   max_attempts=int(config["TASK_MAX_ATTEMPTS"]),
+                   lost_timeout=float(config["PUBLISHER_LOST_TIMEOUT"]),
+                   max_polls=int(config["MAX_POLLS_PER_SESSION"]))
 
 
 class TaskBus(abc.ABC):
@@ -88,12 +111,17 @@ class TaskBus(abc.ABC):
     # -- publisher side ----------------------------------------------------
 
     @abc.abstractmethod
-    def poll(self, session_id: str, wait: float, connected=None) -> list[dict]:
+    def poll(self, session_id: str, wait: float, connected=None,
+             ack: list[str] | None = None) -> list[dict]:
         """Hand over the session's queued tasks (at most MAX_TASKS_PER_POLL),
-        waiting up to `wait` seconds for the first one. Marks the session live
-        while held. `connected()`, when given, is asked right before a
-        hand-over: a poll whose publisher has hung up returns [] and leaves the
-        tasks queued for the next one."""
+        each with its `attempt`, waiting up to `wait` seconds for the first
+        one. Marks the session live while held. `connected()`, when given, is
+        asked before a hand-over and every CONNECTION_CHECK_INTERVAL: a poll
+        whose publisher has hung up returns [] and leaves the tasks queued.
+        `ack` (even empty) makes the session acknowledging and acknowledges
+        the tasks it names (unknown, finished or foreign ids are ignored).
+        Raises TooManyRequests when the session already holds
+        `Delivery.max_polls` polls."""
 
     @abc.abstractmethod
     def task_info(self, task_id: str, owner: str | None = None) -> dict:
@@ -122,6 +150,11 @@ class TaskBus(abc.ABC):
         """Count the session live from now (it has just registered)."""
 
     @abc.abstractmethod
+    def seen(self, session_id: str) -> None:
+        """The session's publisher showed a sign of life (a heartbeat): it is
+        not lost. (Polls, results and chunks are signs of life too.)"""
+
+    @abc.abstractmethod
     def is_live(self, session_id: str) -> bool:
         """Whether a poll is held, or ended less than SESSION_LIVENESS ago, on any worker."""
 
@@ -146,3 +179,40 @@ class TaskBus(abc.ABC):
 def too_many_pending(llm: str, limit: int) -> TooManyRequests:
     return TooManyRequests(f"Too many requests waiting on LLM '{llm}' (limit {limit}); "
                            f"retry shortly", headers={"Retry-After": "1"})
+
+
+def too_many_polls(session_id: str, limit: int) -> TooManyRequests:
+    return TooManyRequests(f"Session '{session_id}' already holds {limit} polls; poll again "
+                           f"when one returns", code="too_many_polls",
+                           headers={"Retry-After": "1"})
+
+
+# What a task can end with, as data (the Redis bus's scripts write the same).
+
+def not_picked_up(llm: str) -> dict:
+    return GatewayTimeout(f"The publisher of LLM '{llm}' did not pick up the task in time",
+                          code="pickup_timeout").to_data()
+
+
+def not_finished(llm: str) -> dict:
+    return GatewayTimeout(f"The publisher of LLM '{llm}' did not finish the task in time",
+                          code="task_timeout").to_data()
+
+
+def not_acknowledged(llm: str, attempts: int) -> dict:
+    return GatewayTimeout(f"The publisher of LLM '{llm}' did not acknowledge the task "
+                          f"({attempts} deliveries)", code="task_not_acknowledged").to_data()
+
+
+def publisher_lost(llm: str, lost_timeout: float) -> dict:
+    return BadGateway(f"The publisher of LLM '{llm}' was lost: no sign of life for "
+                      f"{lost_timeout:g} s", code="publisher_lost").to_data()
+
+
+def publisher_disconnected(llm: str, reason: str) -> dict:
+    return Unavailable(f"LLM '{llm}': {reason}", code="publisher_disconnected").to_data()
+
+
+def stream_idle(llm: str, idle_timeout: float) -> dict:
+    return GatewayTimeout(f"No stream data from the publisher of LLM '{llm}' for "
+                          f"{idle_timeout:g} s", code="stream_idle_timeout").to_data()

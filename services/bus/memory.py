@@ -9,17 +9,23 @@ Ownership: the client side owns each task entry from `submit` to `release`;
 `release` removes it on every path (done, failed, expired, cancelled). The
 publisher side only ever finds entries. A bounded, short-lived tombstone map
 remembers finished ids so that late posts get 409/410 rather than 404.
+
+Time moves a task only when someone looks: a waiting client (or a poll, or a
+post) brings it up to date with `_advance` — expiry, redelivery of an
+unacknowledged task, a lost publisher — and sleeps until the next such moment.
 """
 import collections
 import logging
 import threading
 import time
 
-from services.bus.base import (DONE_MARKER, MAX_BUFFERED_CHUNKS, MAX_TASKS_PER_POLL,
-                               TOMBSTONE_TTL, TaskBus, too_many_pending)
-from services.bus.states import FINAL, TRANSITIONS, TaskState
-from services.errors import (BadGateway, Conflict, Forbidden, GatewayTimeout, Gone, NotFound,
-                             TooManyRequests, Unavailable, from_data)
+from services.bus import base
+from services.bus.base import (CONNECTION_CHECK_INTERVAL, DONE_MARKER, MAX_BUFFERED_CHUNKS,
+                               MAX_TASKS_PER_POLL, TOMBSTONE_TTL, Delivery, TaskBus,
+                               too_many_pending, too_many_polls)
+from services.bus.states import FINAL, OPEN, TRANSITIONS, TaskState
+from services.errors import (BadGateway, Conflict, Forbidden, Gone, NotFound, TooManyRequests,
+                             from_data)
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +35,12 @@ PRUNE_EVERY = 30.0
 
 class _Task:
     __slots__ = ("id", "session_id", "owner", "kind", "llm", "payload", "share_key", "state",
-                 "outcome",
-                 "error", "chunks", "received", "stream_done", "changed", "waiters",
-                 "pickup_deadline", "timeout", "finish_deadline", "last_activity")
+                 "outcome", "error", "chunks", "received", "stream_done", "changed", "waiters",
+                 "pickup_timeout", "pickup_deadline", "timeout", "finish_deadline",
+                 "last_activity", "attempt", "delivered_at", "acked", "ack_required")
 
-    def __init__(self, task_id, session_id, owner, payload, llm, share_key, pickup_deadline,
-                 timeout):
+    def __init__(self, task_id, session_id, owner, payload, llm, share_key, pickup_timeout,
+                 timeout, now):
         self.id = task_id
         self.session_id = session_id
         self.owner = owner
@@ -50,10 +56,15 @@ class _Task:
         self.stream_done = False
         self.changed = threading.Event()
         self.waiters = 1
-        self.pickup_deadline = pickup_deadline
+        self.pickup_timeout = pickup_timeout
+        self.pickup_deadline = now + pickup_timeout
         self.timeout = timeout
         self.finish_deadline = None
         self.last_activity = None
+        self.attempt = 0          # deliveries so far
+        self.delivered_at = None
+        self.acked = False
+        self.ack_required = False  # delivered to an acknowledging session
 
     def info(self):
         return {"task_id": self.id, "session_id": self.session_id, "owner": self.owner,
@@ -61,19 +72,24 @@ class _Task:
 
 
 class _Session:
-    __slots__ = ("queue", "wakeup", "polls_held", "last_seen", "dropped")
+    __slots__ = ("queue", "wakeup", "polls_held", "last_seen", "signed", "acknowledging",
+                 "dropped")
 
     def __init__(self, now):
         self.queue = collections.deque()  # task ids, and cancel messages (dicts)
         self.wakeup = threading.Event()
         self.polls_held = 0
-        self.last_seen = now
+        self.last_seen = now   # the last poll ended (or the session registered)
+        self.signed = now      # the last sign of life: a poll, heartbeat, result or chunks
+        self.acknowledging = False
         self.dropped = False
 
 
 class MemoryTaskBus(TaskBus):
-    def __init__(self, session_liveness=10.0, clock=time.monotonic):
+    def __init__(self, session_liveness=10.0, delivery: Delivery = Delivery(),
+                 clock=time.monotonic):
         self.session_liveness = session_liveness
+        self.delivery = delivery
         self.clock = clock
         self._lock = threading.Lock()
         self._tasks: dict[str, _Task] = {}
@@ -92,15 +108,17 @@ class MemoryTaskBus(TaskBus):
         with self._lock:
             if self._pending[llm] >= limit:
                 raise too_many_pending(llm, limit)
+            now = self.clock()
             shared = self._tasks.get(self._shared.get(share_key)) if share_key else None
+            if shared is not None:
+                self._advance(shared, now)
             if shared is not None and shared.state not in FINAL:
                 shared.waiters += 1
                 self._pending[llm] += 1
                 return shared.id
-            now = self.clock()
             task_id = new_id()
             t = _Task(task_id, session_id, owner, {"task_id": task_id, **task}, llm, share_key,
-                      now + pickup_timeout, timeout)
+                      pickup_timeout, timeout, now)
             self._tasks[task_id] = t
             if share_key:
                 self._shared[share_key] = task_id
@@ -116,7 +134,7 @@ class MemoryTaskBus(TaskBus):
         while True:
             with self._lock:
                 now = self.clock()
-                self._expire_if_due(t, now)
+                self._advance(t, now)
                 if t.state == TaskState.DONE and t.outcome is not None:
                     return t.outcome
                 if t.state == TaskState.DONE:  # chunks cannot finish a non-stream; never loop
@@ -125,7 +143,7 @@ class MemoryTaskBus(TaskBus):
                 if t.state in FINAL:
                     raise from_data(t.error)
                 t.changed.clear()
-                wake_at = self._deadline(t)
+                wake_at = self._wake_at(t)
             if end is not None:
                 if now >= end:
                     return None
@@ -138,11 +156,9 @@ class MemoryTaskBus(TaskBus):
         while True:
             with self._lock:
                 now = self.clock()
-                self._expire_if_due(t, now)
+                self._advance(t, now)
                 if t.state == TaskState.PICKED and now - t.last_activity >= idle_timeout:
-                    self._finish(t, TaskState.EXPIRED, GatewayTimeout(
-                        f"No stream data from the publisher of LLM '{t.llm}' for "
-                        f"{idle_timeout:g} s", code="stream_idle_timeout").to_data())
+                    self._finish(t, TaskState.EXPIRED, base.stream_idle(t.llm, idle_timeout))
                 if t.chunks or t.stream_done:
                     chunks, t.chunks = t.chunks, []
                     return chunks, t.stream_done, None
@@ -151,7 +167,7 @@ class MemoryTaskBus(TaskBus):
                 if t.state in FINAL:
                     raise from_data(t.error)
                 t.changed.clear()
-                wake_at = min(end, self._deadline(t))
+                wake_at = min(end, self._wake_at(t))
                 if t.state == TaskState.PICKED:
                     wake_at = min(wake_at, t.last_activity + idle_timeout)
             if now >= end:
@@ -187,11 +203,19 @@ class MemoryTaskBus(TaskBus):
 
     # -- publisher side ----------------------------------------------------
 
-    def poll(self, session_id, wait, connected=None):
+    def poll(self, session_id, wait, connected=None, ack=None):
         with self._lock:
-            session = self._session(session_id, self.clock())
+            now = self.clock()
+            session = self._session(session_id, now)
+            if session.polls_held >= self.delivery.max_polls:
+                raise too_many_polls(session_id, self.delivery.max_polls)
             session.polls_held += 1
-        deadline = self.clock() + wait
+            session.signed = now
+            if ack is not None:
+                session.acknowledging = True
+                for task_id in ack:
+                    self._acknowledge(session_id, task_id, now)
+        deadline = now + wait
         try:
             while True:
                 with self._lock:
@@ -207,11 +231,17 @@ class MemoryTaskBus(TaskBus):
                     self._maybe_prune(now)
                 if now >= deadline:
                     return []
-                session.wakeup.wait(deadline - now)
+                if connected is None:
+                    session.wakeup.wait(deadline - now)
+                    continue
+                # A poll whose publisher hung up is not held: look now and then.
+                session.wakeup.wait(min(deadline - now, CONNECTION_CHECK_INTERVAL))
+                if not connected():
+                    return []
         finally:
             with self._lock:
                 session.polls_held -= 1
-                session.last_seen = self.clock()
+                session.last_seen = session.signed = self.clock()
 
     def task_info(self, task_id, owner=None):
         with self._lock:
@@ -220,6 +250,7 @@ class MemoryTaskBus(TaskBus):
     def complete(self, task_id, outcome, owner=None):
         with self._lock:
             t = self._find_open(task_id, owner)
+            self._signed(t)
             t.outcome = outcome
             self._finish(t, TaskState.DONE, None)
 
@@ -227,9 +258,12 @@ class MemoryTaskBus(TaskBus):
         with self._lock:
             t = self._tasks.get(task_id)
             self._find(task_id, owner)
+            if t is not None:
+                self._advance(t, self.clock())
             if (t is not None and seq is not None and seq + len(chunks) <= t.received
                     and (t.stream_done or not done)
-                    and t.state in (TaskState.QUEUED, TaskState.PICKED, TaskState.DONE)):
+                    and (t.state in OPEN or t.state == TaskState.DONE)):
+                self._signed(t)
                 return  # a retried batch we already have, even if the stream ended since
             t = self._find_open(task_id)
             if t.kind != "infer" or not t.payload.get("streaming"):
@@ -242,6 +276,7 @@ class MemoryTaskBus(TaskBus):
             if len(t.chunks) + len(chunks) > MAX_BUFFERED_CHUNKS:
                 raise TooManyRequests("The client is not reading the stream fast enough",
                                       headers={"Retry-After": "1"})
+            self._signed(t)
             for data in chunks[t.received - start:]:
                 t.received += 1
                 if data.strip() == DONE_MARKER:
@@ -250,16 +285,24 @@ class MemoryTaskBus(TaskBus):
                 t.chunks.append(data)
             if done:
                 t.stream_done = True
+            now = self.clock()
             if t.state == TaskState.QUEUED:  # answered without a poll: count it picked
-                self._pick(t, self.clock())
-            t.last_activity = self.clock()
+                self._unqueue(t)
+                self._pick(t, now)
+            t.last_activity = now
             if t.stream_done:
                 self._finish(t, TaskState.DONE, None)
             t.changed.set()
 
     def touch(self, session_id):
         with self._lock:
-            self._session(session_id, self.clock())
+            now = self.clock()
+            session = self._session(session_id, now)
+            session.last_seen = session.signed = now
+
+    def seen(self, session_id):
+        with self._lock:
+            self._session(session_id, self.clock()).signed = self.clock()
 
     def is_live(self, session_id):
         with self._lock:
@@ -272,8 +315,7 @@ class MemoryTaskBus(TaskBus):
             failed = 0
             for t in self._tasks.values():
                 if t.session_id == session_id and t.state not in FINAL:
-                    self._finish(t, TaskState.FAILED, Unavailable(
-                        f"LLM '{t.llm}': {reason}", code="publisher_disconnected").to_data())
+                    self._finish(t, TaskState.FAILED, base.publisher_disconnected(t.llm, reason))
                     failed += 1
             if session is not None:
                 session.dropped = True
@@ -285,6 +327,7 @@ class MemoryTaskBus(TaskBus):
             return {"tasks": len(self._tasks), "shared": len(self._shared),
                     "pending": sum(self._pending.values()),
                     "queued": sum(len(s.queue) for s in self._sessions.values()),
+                    "polls": sum(s.polls_held for s in self._sessions.values()),
                     "sessions": len(self._sessions)}
 
     # -- internals (called with the lock held) -------------------------------
@@ -311,29 +354,94 @@ class MemoryTaskBus(TaskBus):
                 handed.append(item)
                 continue
             t = self._tasks.get(item)
-            if t is not None and t.state == TaskState.QUEUED:
+            if t is None or t.state != TaskState.QUEUED:
+                continue
+            self._advance(t, now)
+            if t.state == TaskState.QUEUED:
                 self._pick(t, now)
-                handed.append(t.payload)
+                t.attempt += 1
+                t.delivered_at = now
+                t.acked = False
+                t.ack_required = session.acknowledging
+                handed.append({**t.payload, "attempt": t.attempt})
         return handed
+
+    def _acknowledge(self, session_id, task_id, now):
+        """The publisher has the task: it is never delivered again. Unknown,
+        finished or another session's tasks are ignored."""
+        t = self._tasks.get(task_id)
+        if t is None or t.session_id != session_id or t.attempt == 0:
+            return
+        if t.state == TaskState.QUEUED:  # queued again for want of this ack: take it back
+            self._unqueue(t)
+            self._pick(t, now)
+        if t.state == TaskState.PICKED:
+            t.acked = True
+
+    def _signed(self, t):
+        """A post for the task: it is acknowledged, and its publisher alive."""
+        t.acked = True
+        session = self._sessions.get(t.session_id)
+        if session is not None:
+            session.signed = self.clock()
 
     def _pick(self, t, now):
         t.state = TaskState.PICKED
-        t.finish_deadline = now + t.timeout
+        if t.finish_deadline is None:  # redelivery keeps the first delivery's deadline
+            t.finish_deadline = now + t.timeout
         t.last_activity = now
         t.changed.set()  # waiters move from the pickup deadline to the finish deadline
 
-    def _deadline(self, t):
-        return t.pickup_deadline if t.state == TaskState.QUEUED else t.finish_deadline
+    def _unqueue(self, t):
+        session = self._sessions.get(t.session_id)
+        if session is not None:
+            try:
+                session.queue.remove(t.id)
+            except ValueError:
+                pass
 
-    def _expire_if_due(self, t, now):
+    def _wake_at(self, t):
+        """When time next moves the task (see `_advance`)."""
+        wake_at = t.pickup_deadline if t.state == TaskState.QUEUED else t.finish_deadline
+        if self._awaiting_ack(t):
+            wake_at = min(wake_at, t.delivered_at + self.delivery.ack_timeout)
+        session = self._sessions.get(t.session_id)
+        if session is not None and session.polls_held == 0:
+            wake_at = min(wake_at, session.signed + self.delivery.lost_timeout)
+        return wake_at
+
+    def _awaiting_ack(self, t):
+        return t.state == TaskState.PICKED and t.ack_required and not t.acked
+
+    def _advance(self, t, now):
+        """Expire the task when a deadline passed; deliver it again when its
+        acknowledgement is overdue; fail it when its publisher is lost."""
         if t.state == TaskState.QUEUED and now >= t.pickup_deadline:
-            self._finish(t, TaskState.EXPIRED, GatewayTimeout(
-                f"The publisher of LLM '{t.llm}' did not pick up the task in time",
-                code="pickup_timeout").to_data())
+            self._finish(t, TaskState.EXPIRED, base.not_picked_up(t.llm))
         elif t.state == TaskState.PICKED and now >= t.finish_deadline:
-            self._finish(t, TaskState.EXPIRED, GatewayTimeout(
-                f"The publisher of LLM '{t.llm}' did not finish the task in time",
-                code="task_timeout").to_data())
+            self._finish(t, TaskState.EXPIRED, base.not_finished(t.llm))
+        if self._awaiting_ack(t) and now >= t.delivered_at + self.delivery.ack_timeout:
+            if t.attempt < self.delivery.max_attempts:
+                self._requeue(t, now)
+            else:
+                self._finish(t, TaskState.EXPIRED, base.not_acknowledged(t.llm, t.attempt))
+        session = self._sessions.get(t.session_id)
+        if (t.state in OPEN and session is not None and session.polls_held == 0
+                and now >= session.signed + self.delivery.lost_timeout):
+            self._finish(t, TaskState.FAILED, base.publisher_lost(
+                t.llm, self.delivery.lost_timeout))
+
+    def _requeue(self, t, now):
+        """Back to the head of its session's queue, with a fresh pickup deadline."""
+        if TaskState.QUEUED not in TRANSITIONS[t.state]:
+            return
+        t.state = TaskState.QUEUED
+        t.pickup_deadline = now + t.pickup_timeout
+        session = self._session(t.session_id, now)
+        session.queue.appendleft(t.id)
+        session.wakeup.set()
+        t.changed.set()
+        log.info("task %s not acknowledged: delivering it again", t.id)
 
     def _finish(self, t, state, error):
         if state not in TRANSITIONS.get(t.state, ()):
@@ -344,10 +452,7 @@ class MemoryTaskBus(TaskBus):
         session = self._sessions.get(t.session_id)
         if session is not None:
             if was == TaskState.QUEUED:
-                try:
-                    session.queue.remove(t.id)
-                except ValueError:
-                    pass
+                self._unqueue(t)
             elif was == TaskState.PICKED and state in (TaskState.CANCELLED, TaskState.EXPIRED):
                 session.queue.append({"kind": "cancel", "task_id": t.id})
                 session.wakeup.set()
@@ -365,8 +470,11 @@ class MemoryTaskBus(TaskBus):
         return state
 
     def _find_open(self, task_id, owner=None):
-        state = self._find(task_id, owner)
+        self._find(task_id, owner)
         t = self._tasks.get(task_id)
+        if t is not None:
+            self._advance(t, self.clock())
+        state = t.state if t is not None else self._tombstone_of(task_id)[0]
         if state == TaskState.DONE:
             raise Conflict(f"Task '{task_id}' is already completed", code="task_completed")
         if state in FINAL:

@@ -36,8 +36,9 @@ import redis
 
 from jsonio import dumps, loads
 from models import new_id
-from services.bus.base import (MAX_BUFFERED_CHUNKS, MAX_TASKS_PER_POLL, TOMBSTONE_TTL, TaskBus,
-                               too_many_pending)
+from services.bus.base import (CONNECTION_CHECK_INTERVAL, MAX_BUFFERED_CHUNKS,
+                               MAX_TASKS_PER_POLL, TOMBSTONE_TTL, Delivery, TaskBus,
+                               too_many_pending, too_many_polls)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services.bus.waiters import Waiters
 from services.errors import BadGateway, GatewayTimeout, Unavailable, bus_unavailable, from_data
@@ -77,24 +78,29 @@ class _View:
     stream_done: bool
     outcome: dict | None
     error: dict | None
-    deadline: float
+    wake_at: float  # when time next moves the task (a deadline, an ack overdue, ...)
     activity: float
     chunks: list[str]
 
 
 class RedisTaskBus(TaskBus):
     def __init__(self, client: redis.Redis, *, prefix="switchboard:", session_liveness=10.0,
-                 drop_memory=90.0, worker_ttl=WORKER_TTL, silence_timeout=SILENCE_TIMEOUT,
-                 clock=time.time):
+                 delivery: Delivery = Delivery(), drop_memory=90.0, worker_ttl=WORKER_TTL,
+                 silence_timeout=SILENCE_TIMEOUT, clock=time.time):
         self.client = client
         self.prefix = prefix
         self.session_liveness = session_liveness
         self.drop_memory = drop_memory  # how long a dropped session ends polls held at the drop
         self.clock = clock
         self.worker_id = None
+        self.delivery = delivery
         self.worker_ttl = worker_ttl
         self.silence_timeout = silence_timeout
-        self._scripts = _load_scripts(client, worker_ttl)
+        self._scripts = _load_scripts(client, {
+            "WORKER_TTL": worker_ttl, "SESSION_LIVENESS": session_liveness,
+            "ACK_TIMEOUT": delivery.ack_timeout, "MAX_ATTEMPTS": delivery.max_attempts,
+            "LOST_TIMEOUT": delivery.lost_timeout, "LOST_LABEL": f"{delivery.lost_timeout:g}",
+            "MAX_POLLS": delivery.max_polls})
         self._waiters = Waiters()
         self._lock = threading.Lock()
         self._leases: dict[str, list[tuple[str, str]]] = {}  # task -> [(lease, llm)] held here
@@ -126,6 +132,7 @@ class RedisTaskBus(TaskBus):
                             max_connections=int(config["REDIS_MAX_CONNECTIONS"]),
                             prefix=config["REDIS_PREFIX"],
                             session_liveness=float(config["SESSION_LIVENESS"]),
+                            delivery=Delivery.from_config(config),
                             drop_memory=float(config["POLL_WAIT_MAX"]) + MARGIN)
 
     # -- client side -------------------------------------------------------
@@ -163,7 +170,7 @@ class RedisTaskBus(TaskBus):
                 if view.state in FINAL:
                     raise from_data(view.error)
                 now = self.clock()
-                wake_at = view.deadline
+                wake_at = view.wake_at
                 if end is not None:
                     if now >= end:
                         return None
@@ -185,7 +192,7 @@ class RedisTaskBus(TaskBus):
                 now = self.clock()
                 if now >= end:
                     return [], False, None
-                wake_at = min(end, view.deadline)
+                wake_at = min(end, view.wake_at)
                 if view.state == TaskState.PICKED:
                     wake_at = min(wake_at, view.activity + idle_timeout)
                 changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
@@ -222,39 +229,43 @@ class RedisTaskBus(TaskBus):
 
     # -- publisher side ----------------------------------------------------
 
-    def poll(self, session_id, wait, connected=None):
+    def poll(self, session_id, wait, connected=None, ack=None):
         started = self.clock()
         deadline = started + wait
-        with self._lock:
-            self._polls[session_id] += 1
-        try:
-            with self._waiters.waiting("s:" + session_id) as changed:
+        held = (session_id, MAX_TASKS_PER_POLL, started, new_id())  # the last: its lease
+        with self._waiters.waiting("s:" + session_id) as changed:
+            if connected is not None and not connected():
+                return []
+            reply = self._run("poll", *held, _flag(ack is not None), *(ack or ()))
+            if reply[0] == "full":
+                raise too_many_polls(session_id, self.delivery.max_polls)
+            with self._lock:
+                self._polls[session_id] += 1
+            try:
                 while True:
-                    changed.clear()
-                    if connected is not None and not connected():
-                        return []  # the publisher hung up: leave the tasks queued
-                    now = self.clock()
-                    live_until = max(deadline, now) + self.session_liveness
-                    reply = self._run("poll", session_id, MAX_TASKS_PER_POLL, live_until, started)
                     if reply[0] == "dropped":
                         return []
                     if len(reply) > 1:
                         return [loads(item) for item in reply[1:]]
+                    now = self.clock()
                     if now >= deadline:
                         return []
-                    changed.wait(deadline - now)
-        finally:
-            with self._lock:
-                self._polls[session_id] -= 1
-                last = self._polls[session_id] <= 0
-                if last:
-                    del self._polls[session_id]
-            if last:
+                    # A poll whose publisher hung up is not held: look now and then.
+                    changed.wait(deadline - now if connected is None
+                                 else min(deadline - now, CONNECTION_CHECK_INTERVAL))
+                    changed.clear()
+                    if connected is not None and not connected():
+                        return []
+                    reply = self._run("poll", *held, "0")
+            finally:
+                with self._lock:
+                    self._polls[session_id] -= 1
+                    if self._polls[session_id] <= 0:
+                        del self._polls[session_id]
                 try:
-                    self._run("poll_end", session_id, self.clock() + self.session_liveness,
-                              started)
+                    self._run("poll_end", session_id, held[-1], started)
                 except Unavailable:
-                    pass  # its entry lapses at the live-until the poll registered
+                    pass  # its lease lapses with this worker's, or with the key
 
     def task_info(self, task_id, owner=None):
         _, session_id, task_owner, kind, llm = self._answer(self._run("task_info", task_id,
@@ -270,7 +281,10 @@ class RedisTaskBus(TaskBus):
                                _flag(done), MAX_BUFFERED_CHUNKS, *chunks))
 
     def touch(self, session_id):
-        self._run("touch", session_id, self.clock() + self.session_liveness)
+        self._run("touch", session_id)
+
+    def seen(self, session_id):
+        self._run("seen", session_id)
 
     def is_live(self, session_id):
         return bool(self._run("is_live", session_id))
@@ -356,11 +370,11 @@ class RedisTaskBus(TaskBus):
                           _flag(read_chunks))
         if reply[0] == "missing":  # its keys lapsed: only if nothing read it for minutes
             raise GatewayTimeout(f"Task '{task_id}' expired", code="task_timeout")
-        state, done, outcome, error, deadline, activity, llm, *chunks = reply
+        state, done, outcome, error, wake_at, activity, llm, *chunks = reply
         return _View(state=state, llm=llm, stream_done=done == "1",
                      outcome=loads(outcome) if outcome else None,
                      error=loads(error) if error else None,
-                     deadline=float(deadline) if deadline else 0.0,
+                     wake_at=float(wake_at) if wake_at else 0.0,
                      activity=float(activity) if activity else 0.0, chunks=chunks)
 
     def _channel(self) -> str:
@@ -454,13 +468,16 @@ def _unavailable(exc: redis.RedisError) -> bool:
         isinstance(exc, redis.ResponseError) and str(exc).startswith(UNSERVABLE_REPLIES))
 
 
-def _load_scripts(client, worker_ttl) -> dict:
-    """Every script of lua/, each behind the shared prelude, as redis-py Script
-    objects (EVALSHA, loading the script again when Redis has forgotten it)."""
+def _load_scripts(client, constants: dict) -> dict:
+    """Every script of lua/, each behind the shared prelude (with `constants`
+    written in), as redis-py Script objects (EVALSHA, loading the script again
+    when Redis has forgotten it)."""
     prelude = (LUA / "prelude.lua").read_text()
-    for name, value in {"TRANSITIONS": _lua_transitions(), "WORKER_TTL": worker_ttl,
-                        "TOMBSTONE_MS": int(TOMBSTONE_TTL * 1000), "MARGIN": MARGIN}.items():
+    for name, value in {"TRANSITIONS": _lua_transitions(), "MARGIN": MARGIN,
+                        "TOMBSTONE_MS": int(TOMBSTONE_TTL * 1000), **constants}.items():
         prelude = prelude.replace("{{" + name + "}}", str(value))
+    if "{{" in prelude:
+        raise RuntimeError("a constant of lua/prelude.lua has no value")
     return {path.stem: client.register_script(prelude + path.read_text())
             for path in sorted(LUA.glob("*.lua")) if path.stem != "prelude"}
 

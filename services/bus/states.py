@@ -11,11 +11,13 @@ class TaskState(enum.StrEnum):
     EXPIRED = "expired"      # not picked up, or not finished, in time
 
 
-# The allowed moves; anything else is a no-op (e.g. a late outcome).
+# The allowed moves; anything else is a no-op (e.g. a late outcome). PICKED →
+# QUEUED is a redelivery: the publisher did not acknowledge the task in time.
 TRANSITIONS = {
     TaskState.QUEUED: {TaskState.PICKED, TaskState.FAILED, TaskState.CANCELLED,
                        TaskState.EXPIRED, TaskState.DONE},
-    TaskState.PICKED: {TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
+    TaskState.PICKED: {TaskState.QUEUED, TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED,
                        TaskState.EXPIRED},
 }
+OPEN = frozenset(TRANSITIONS)
 FINAL = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED, TaskState.EXPIRED})

@@ -11,5 +11,5 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'st:' .. sid)) do
 end
 redis.call('SET', P .. 'x:' .. sid, NOW, 'PX', ms(memory))
 notify_session(sid)
-redis.call('DEL', P .. 'p:' .. sid, P .. 'st:' .. sid, P .. 'q:' .. sid)
+redis.call('DEL', P .. 'ph:' .. sid, P .. 's:' .. sid, P .. 'st:' .. sid, P .. 'q:' .. sid)
 return failed

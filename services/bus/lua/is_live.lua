@@ -1,6 +1,6 @@
--- is_live(session) -> 1 while a poll is held, or ended less than SESSION_LIVENESS
--- ago, on a worker that is alive.
-for _, worker in ipairs(redis.call('ZRANGEBYSCORE', P .. 'p:' .. ARG(1), NOW, '+inf')) do
-  if alive(worker) then return 1 end
-end
-return 0
+-- is_live(session) -> 1 while a poll is held (on a live worker), or ended (or the
+-- session registered) less than SESSION_LIVENESS ago.
+local sid = ARG(1)
+if polls_held(sid) > 0 then return 1 end
+local polled = redis.call('HGET', P .. 's:' .. sid, 'polled')
+return (polled and NOW - tonumber(polled) < LIVENESS) and 1 or 0

@@ -1,19 +1,20 @@
 -- observe(task_id, idle_timeout, idle_label, read_chunks)
---   -> {state, stream_done, outcome, error, deadline, activity, llm, chunk...}
--- What a waiting client needs: expires the task when a deadline (or, for a
--- stream, the idle timeout) has passed; with read_chunks, takes the unread chunks.
+--   -> {state, stream_done, outcome, error, wake_at, activity, llm, chunk...}
+-- What a waiting client needs: moves the task on when its time has come
+-- (`advance`, or for a stream the idle timeout); with read_chunks, takes the
+-- unread chunks. wake_at is when time next moves it.
 local id, idle, idle_label, read_chunks = ARG(1), tonumber(ARG(2)), ARG(3), ARG(4) == '1'
 local t = load(id)
 if not t then return {'missing'} end
-expire_if_due(t)
+advance(t)
 if idle and t.state == 'picked' and NOW - tonumber(t.activity) >= idle then
   finish(t, 'expired', err(504, 'stream_idle_timeout', "No stream data from the publisher of LLM '" ..
     t.llm .. "' for " .. idle_label .. ' s'))
 end
 local outcome, error_json = unpack(redis.call('HMGET', P .. 't:' .. id, 'outcome', 'error'))
-local deadline = t.state == 'queued' and t.pickup_at or (t.finish_at or '')
-local reply = {t.state, t.done, outcome or '',
-               error_json or '', tostring(deadline), t.activity or '', t.llm}
+local next_move = OPEN[t.state] and tostring(wake_at(t)) or ''
+local reply = {t.state, t.done, outcome or '', error_json or '', next_move, t.activity or '',
+               t.llm}
 if read_chunks then
   local key = P .. 'c:' .. id
   local chunks = redis.call('LRANGE', key, 0, -1)

@@ -1,12 +1,31 @@
--- poll(session, max_tasks, live_until, started_at) -> {'dropped'} | {'ok', payload...}
--- Registers this worker's poll (the session is live while held) and hands over
--- up to max_tasks queued tasks (picking them) and cancel messages.
-local sid, max_tasks, live_until, started = ARG(1), tonumber(ARG(2)), tonumber(ARG(3)),
-  tonumber(ARG(4))
+-- poll(session, max_tasks, started_at, lease, acks_given, ack...)
+--   -> {'dropped'} | {'full'} | {'ok', payload...}
+-- Holds the poll (its lease, at most MAX_POLLS per session), takes the acks,
+-- and hands over up to max_tasks queued tasks (picking them, counting the
+-- attempt) and cancel messages. Called again with the same lease when woken.
+local sid, max_tasks, started, lease = ARG(1), tonumber(ARG(2)), tonumber(ARG(3)), ARG(4)
+local acks_given = ARG(5) == '1'
 local dropped = redis.call('GET', P .. 'x:' .. sid)
 if dropped and tonumber(dropped) >= started then return {'dropped'} end
-redis.call('ZADD', P .. 'p:' .. sid, 'GT', live_until, WORKER)
-extend(P .. 'p:' .. sid, live_until - NOW + MARGIN)
+local held = P .. 'ph:' .. sid
+if redis.call('HEXISTS', held, lease) == 0 then
+  if not take_lease(held, lease, MAX_POLLS, WORKER_TTL + MARGIN) then return {'full'} end
+  session_set(sid, 'signed', NOW)
+end
+if acks_given then
+  session_set(sid, 'acking', 1)
+  for i = 6, NARGS() do
+    local t = load(ARG(i))
+    if t and t.session == sid and tonumber(t.attempt or 0) > 0 then
+      if t.state == 'queued' then  -- queued again for want of this ack: take it back
+        redis.call('LREM', P .. 'q:' .. sid, 0, t.id)
+        pick(t)
+      end
+      if t.state == 'picked' then redis.call('HSET', P .. 't:' .. t.id, 'acked', 1) end
+    end
+  end
+end
+local acking = redis.call('HGET', P .. 's:' .. sid, 'acking') == '1'
 local reply = {'ok'}
 local queue = P .. 'q:' .. sid
 while #reply - 1 < max_tasks do
@@ -17,12 +36,18 @@ while #reply - 1 < max_tasks do
   else
     local t = load(item)
     if t and t.state == 'queued' then
-      expire_if_due(t)
+      advance(t)
       cancel_if_orphaned(t)
       if t.state == 'queued' then
-        local payload = redis.call('HGET', P .. 't:' .. item, 'payload')
+        local key = P .. 't:' .. item
+        local attempt = tonumber(t.attempt or 0) + 1
+        local payload = redis.call('HGET', key, 'payload')
         pick(t)
-        reply[#reply + 1] = payload
+        redis.call('HSET', key, 'attempt', attempt, 'delivered_at', NOW, 'acked', 0,
+                   'ack_req', acking and 1 or 0)
+        -- The payload is JSON written by Python: add "attempt" without decoding
+        -- it (cjson would turn the body's empty lists into objects).
+        reply[#reply + 1] = string.sub(payload, 1, -2) .. ',"attempt":' .. attempt .. '}'
       end
     end
   end

@@ -1,8 +1,8 @@
--- poll_end(session, live_until, started_at): this worker holds no more polls of the
--- session; it stays live until live_until (SESSION_LIVENESS), unless it was dropped.
-local sid, live_until, started = ARG(1), tonumber(ARG(2)), tonumber(ARG(3))
+-- poll_end(session, lease, started_at): the poll is no longer held; the session
+-- stays live for SESSION_LIVENESS from now, unless it was dropped meanwhile.
+local sid, lease, started = ARG(1), ARG(2), tonumber(ARG(3))
+redis.call('HDEL', P .. 'ph:' .. sid, lease)
 local dropped = redis.call('GET', P .. 'x:' .. sid)
 if dropped and tonumber(dropped) >= started then return 0 end
-redis.call('ZADD', P .. 'p:' .. sid, live_until, WORKER)
-extend(P .. 'p:' .. sid, live_until - NOW + MARGIN)
+session_set(sid, 'polled', NOW, 'signed', NOW)
 return 1

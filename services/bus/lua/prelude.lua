@@ -12,7 +12,8 @@
 --   c:<task>       list  stream chunks not yet read by the client
 --   q:<session>    list  task ids and cancel messages for the session's polls
 --   st:<session>   set   the session's unfinished tasks
---   p:<session>    zset  worker -> live until: polls held (and just ended) per worker
+--   s:<session>    hash  polled (last poll ended), signed (last sign of life), acking
+--   ph:<session>   hash  lease -> worker: the polls held now
 --   x:<session>    string when the session was dropped (ends polls held at that moment)
 --   n:<llm>        hash  lease -> worker: requests waiting on or in flight at the LLM
 --   sh:<key>       string the task id a shared wake is joined to
@@ -27,6 +28,12 @@ local OPEN = {queued = true, picked = true}
 local WORKER_TTL = {{WORKER_TTL}}
 local TOMBSTONE_MS = {{TOMBSTONE_MS}}
 local MARGIN = {{MARGIN}}
+local LIVENESS = {{SESSION_LIVENESS}}
+local ACK_TIMEOUT = {{ACK_TIMEOUT}}
+local MAX_ATTEMPTS = {{MAX_ATTEMPTS}}
+local LOST_TIMEOUT = {{LOST_TIMEOUT}}
+local MAX_POLLS = {{MAX_POLLS}}
+local LOST_LABEL = '{{LOST_LABEL}}'
 
 redis.call('ZADD', P .. 'workers', NOW + WORKER_TTL, WORKER)
 redis.call('PEXPIRE', P .. 'workers', math.ceil(WORKER_TTL * 3000))
@@ -71,7 +78,8 @@ local function live_leases(key)
 end
 
 local FIELDS = {'state', 'session', 'owner', 'kind', 'llm', 'streaming', 'share', 'pickup_at',
-                'timeout', 'finish_at', 'activity', 'received', 'done'}
+                'timeout', 'finish_at', 'activity', 'received', 'done', 'pickup', 'attempt',
+                'delivered_at', 'acked', 'ack_req'}
 local function load(id)
   local values = redis.call('HMGET', P .. 't:' .. id, unpack(FIELDS))
   if not values[1] then return nil end
@@ -85,10 +93,29 @@ local function notify_task(id)
   for _, worker in ipairs(workers) do redis.call('PUBLISH', P .. 'w:' .. worker, 't:' .. id) end
 end
 
+-- The workers holding a poll of the session now.
 local function notify_session(sid)
-  for _, worker in ipairs(redis.call('ZRANGEBYSCORE', P .. 'p:' .. sid, NOW, '+inf')) do
-    if alive(worker) then redis.call('PUBLISH', P .. 'w:' .. worker, 's:' .. sid) end
-  end
+  local _, workers = live_leases(P .. 'ph:' .. sid)
+  for _, worker in ipairs(workers) do redis.call('PUBLISH', P .. 'w:' .. worker, 's:' .. sid) end
+end
+
+local function polls_held(sid)
+  return (live_leases(P .. 'ph:' .. sid))
+end
+
+-- The session hash (polled, signed, acking) lives while the session may matter.
+local function session_set(sid, ...)
+  redis.call('HSET', P .. 's:' .. sid, ...)
+  extend(P .. 's:' .. sid, math.max(LOST_TIMEOUT, LIVENESS) + MARGIN)
+end
+
+local function signed_at(sid)
+  return tonumber(redis.call('HGET', P .. 's:' .. sid, 'signed') or 0)
+end
+
+-- A lost publisher: no poll held and no sign of life for LOST_TIMEOUT.
+local function lost(sid)
+  return polls_held(sid) == 0 and NOW >= signed_at(sid) + LOST_TIMEOUT
 end
 
 local function queue_push(sid, item, ttl)
@@ -121,7 +148,44 @@ local function finish(t, state, error_json)
   return true
 end
 
-local function expire_if_due(t)
+local function pick(t)
+  t.state = 'picked'
+  local key = P .. 't:' .. t.id
+  if not t.finish_at then  -- a redelivery keeps the first delivery's deadline
+    t.finish_at = NOW + tonumber(t.timeout)
+    for _, suffix in ipairs({'t:', 'h:', 'c:'}) do
+      redis.call('PEXPIRE', P .. suffix .. t.id, ms(tonumber(t.timeout) + MARGIN))
+    end
+  end
+  redis.call('HSET', key, 'state', 'picked', 'finish_at', t.finish_at, 'activity', NOW)
+end
+
+local function awaiting_ack(t)
+  return t.state == 'picked' and t.ack_req == '1' and t.acked ~= '1'
+end
+
+-- Not acknowledged in time: back to the head of the queue, with a fresh pickup deadline.
+local function requeue(t)
+  if not TRANSITIONS[t.state]['queued'] then return end
+  t.state = 'queued'
+  t.pickup_at = NOW + tonumber(t.pickup)
+  redis.call('HSET', P .. 't:' .. t.id, 'state', 'queued', 'pickup_at', t.pickup_at)
+  redis.call('LPUSH', P .. 'q:' .. t.session, t.id)
+  extend(P .. 'q:' .. t.session, tonumber(t.pickup) + MARGIN)
+  notify_session(t.session)
+  notify_task(t.id)
+end
+
+-- A post for the task: it is acknowledged, and its publisher alive.
+local function signed(t)
+  t.acked = '1'
+  redis.call('HSET', P .. 't:' .. t.id, 'acked', 1)
+  session_set(t.session, 'signed', NOW)
+end
+
+-- Expire the task when a deadline passed; deliver it again when its
+-- acknowledgement is overdue; fail it when its publisher is lost.
+local function advance(t)
   if t.state == 'queued' and NOW >= tonumber(t.pickup_at) then
     finish(t, 'expired', err(504, 'pickup_timeout',
       "The publisher of LLM '" .. t.llm .. "' did not pick up the task in time"))
@@ -129,22 +193,32 @@ local function expire_if_due(t)
     finish(t, 'expired', err(504, 'task_timeout',
       "The publisher of LLM '" .. t.llm .. "' did not finish the task in time"))
   end
+  if awaiting_ack(t) and NOW >= tonumber(t.delivered_at) + ACK_TIMEOUT then
+    if tonumber(t.attempt) < MAX_ATTEMPTS then
+      requeue(t)
+    else
+      finish(t, 'expired', err(504, 'task_not_acknowledged', "The publisher of LLM '" .. t.llm ..
+        "' did not acknowledge the task (" .. t.attempt .. ' deliveries)'))
+    end
+  end
+  if OPEN[t.state] and lost(t.session) then
+    finish(t, 'failed', err(502, 'publisher_lost', "The publisher of LLM '" .. t.llm ..
+      "' was lost: no sign of life for " .. LOST_LABEL .. ' s'))
+  end
+end
+
+-- When time next moves the task (see `advance`).
+local function wake_at(t)
+  local at = tonumber(t.state == 'queued' and t.pickup_at or t.finish_at)
+  if awaiting_ack(t) then at = math.min(at, tonumber(t.delivered_at) + ACK_TIMEOUT) end
+  if polls_held(t.session) == 0 then at = math.min(at, signed_at(t.session) + LOST_TIMEOUT) end
+  return at
 end
 
 -- A task whose every waiting request is gone (their workers died) is cancelled.
 local function cancel_if_orphaned(t)
   if OPEN[t.state] and live_leases(P .. 'h:' .. t.id) == 0 then
     finish(t, 'cancelled', err(410, 'client_gone', 'The client went away'))
-  end
-end
-
-local function pick(t)
-  t.state = 'picked'
-  t.finish_at = NOW + tonumber(t.timeout)
-  local key = P .. 't:' .. t.id
-  redis.call('HSET', key, 'state', 'picked', 'finish_at', t.finish_at, 'activity', NOW)
-  for _, suffix in ipairs({'t:', 'h:', 'c:'}) do
-    redis.call('PEXPIRE', P .. suffix .. t.id, ms(tonumber(t.timeout) + MARGIN))
   end
 end
 
@@ -161,7 +235,7 @@ end
 
 -- Bring the task's state up to date: deadlines passed, waiting requests all gone.
 local function refresh(t)
-  expire_if_due(t)
+  advance(t)
   cancel_if_orphaned(t)
 end
 

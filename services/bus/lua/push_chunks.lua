@@ -9,6 +9,7 @@ refresh(t)
 local received = tonumber(t.received)
 if seq ~= '' and tonumber(seq) + count <= received and (t.done == '1' or not done)
     and (OPEN[t.state] or t.state == 'done') then
+  signed(t)
   return {'ok'}  -- a retry of what we have; but a stopped task says so (410)
 end
 e = check_open(t)
@@ -26,6 +27,7 @@ if redis.call('LLEN', key) + count > max_buffered then
   return {'err', err(429, 'too_many_pending', 'The client is not reading the stream fast enough',
                      nil, {['Retry-After'] = '1'})}
 end
+signed(t)
 local ended = false
 for i = received - start + 1, count do
   local data = ARG(first_chunk + i - 1)

@@ -11,7 +11,7 @@ if share ~= '' then
   local joined = redis.call('GET', P .. 'sh:' .. share)
   local t = joined and load(joined)
   if t then
-    expire_if_due(t)
+    advance(t)
     cancel_if_orphaned(t)
   end
   if t and OPEN[t.state] then
@@ -24,11 +24,15 @@ end
 local key = P .. 't:' .. id
 redis.call('HSET', key, 'state', 'queued', 'session', sid, 'owner', owner, 'kind', kind,
            'llm', llm, 'streaming', streaming, 'share', share, 'pickup_at', NOW + pickup,
-           'timeout', timeout, 'received', 0, 'done', 0, 'payload', payload)
+           'pickup', pickup, 'timeout', timeout, 'received', 0, 'done', 0, 'attempt', 0,
+           'payload', payload)
 redis.call('PEXPIRE', key, ms(life))
 redis.call('HSET', P .. 'h:' .. id, lease, WORKER)
 redis.call('PEXPIRE', P .. 'h:' .. id, ms(life))
 redis.call('SADD', P .. 'st:' .. sid, id)
 extend(P .. 'st:' .. sid, life)
+-- A session seen for the first time counts as signed from now (not lost at once).
+redis.call('HSETNX', P .. 's:' .. sid, 'signed', NOW)
+extend(P .. 's:' .. sid, life)
 queue_push(sid, id, pickup + MARGIN)
 return {'ok', id}

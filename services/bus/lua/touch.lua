@@ -1,6 +1,5 @@
--- touch(session, live_until): the session has just registered.
-local sid, live_until = ARG(1), tonumber(ARG(2))
+-- touch(session): the session has just registered: live, and signed, from now.
+local sid = ARG(1)
 redis.call('DEL', P .. 'x:' .. sid)
-redis.call('ZADD', P .. 'p:' .. sid, 'GT', live_until, WORKER)
-extend(P .. 'p:' .. sid, live_until - NOW + MARGIN)
+session_set(sid, 'polled', NOW, 'signed', NOW)
 return 1
