@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 def create_app(config=None, instance_path=None):
     app = Flask(__name__, instance_path=instance_path, instance_relative_config=True,
                 static_folder=None)
+    # `%2F` in a path is decoded to `/`: never merge the slashes that makes into
+    # a redirect (308, method and body kept) to another resource; it is a 404.
+    app.url_map.merge_slashes = False
     app.json = OrjsonProvider(app)
     settings.load(app, config)
     register_extensions(app)

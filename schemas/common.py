@@ -3,7 +3,8 @@ from urllib.parse import urlsplit
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# \Z, not $: `$` also matches before a final newline ("abc\n" is no name).
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 # Doubled braces: marshmallow formats this message with str.format.
 NAME_MESSAGE = "must match ^[A-Za-z0-9][A-Za-z0-9._-]{{0,99}}$"
 
@@ -31,8 +32,12 @@ class StrictInteger(fields.Integer):
 
 
 class StrictBoolean(fields.Boolean):
-    truthy = {True}
-    falsy = {False}
+    """true or false, not 1 or 0 (`1 in {True}` holds in Python)."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise ValidationError("Not a valid boolean.")
+        return value
 
 
 def _http_url(value):

@@ -5,14 +5,14 @@ from schemas.common import Name, StrictBoolean, StrictInteger, StrictSchema
 from schemas.llm import TIERS
 from services.bus.base import MAX_ACKS_PER_POLL
 
-SESSION_ID = validate.Regexp(r"^[A-Za-z0-9_-]{1,64}$",
+SESSION_ID = validate.Regexp(r"^[A-Za-z0-9_-]{1,64}\Z",
                              error="must be 1-64 letters, digits, '-' or '_'")
 
 
 class PublishedLlmSchema(StrictSchema):
     name = Name(required=True)
     type = fields.String(load_default="openai",
-                         validate=validate.Regexp(r"^[a-z][a-z0-9_-]{0,31}$"))
+                         validate=validate.Regexp(r"^[a-z][a-z0-9_-]{0,31}\Z"))
     model = fields.String(required=True, validate=validate.Length(min=1, max=200))
     tier = fields.String(validate=validate.OneOf(TIERS))
     description = fields.String(validate=validate.Length(max=10_000))
