@@ -31,6 +31,8 @@ DEFAULTS = {
     "TASK_MAX_ATTEMPTS": 2,
     "PUBLISHER_LOST_TIMEOUT": 60.0,
     "MAX_POLLS_PER_SESSION": 4,
+    # Unread chunks of one stream before its publisher is held back (429).
+    "MAX_BUFFERED_CHUNKS": 10_000,
     # Not in the contract, but tunable: SSE comment interval while a stream
     # waits, and the connect timeout towards public upstreams.
     "STREAM_KEEPALIVE": 15.0,

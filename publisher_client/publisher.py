@@ -30,6 +30,8 @@ RESULT_ATTEMPTS = 6
 WAKE_HEARTBEAT_SECONDS = 5.0   # while a slow backend boots, keep the rows fresh
 REGISTER_AGAIN_SECONDS = 5.0   # forgotten again this soon after a register: back off first
 SHUTDOWN_WAIT_SECONDS = 15.0   # for a heartbeat or register in flight, before the DELETE
+CUT_POLL_SECONDS = 2.0         # a poll that lost its connection after this long was cut, not refused
+MIN_POLL_WAIT = 1.0
 
 
 class LocalLlm:
@@ -82,6 +84,7 @@ class Publisher:
         self._calls_lock = threading.Lock()
         self._last_heartbeat = 0.0
         self._heartbeat_thread: threading.Thread | None = None
+        self.poll_wait = config.poll_wait_seconds  # shortened when a proxy cuts long polls
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -182,14 +185,19 @@ class Publisher:
         acks: list[str] = []  # what the last poll brought, acknowledged by the next one
         while not self.stopping.is_set():
             generation, session_id = self.generation, self.session_id
+            started = time.monotonic()
             try:
-                tasks = self.api.poll(session_id, self.config.poll_wait_seconds, acks)
+                tasks = self.api.poll(session_id, self.poll_wait, acks)
             except SessionNotFound:
                 acks = []  # a new session has none of them
                 self._register_again(generation)
                 continue
             except ServerUnavailable as exc:
-                self._wait_for_server(exc)
+                held = time.monotonic() - started
+                if exc.status is None and held >= CUT_POLL_SECONDS:
+                    self._poll_cut(held)  # the server was there: poll again at once
+                else:
+                    self._wait_for_server(exc)
                 continue
             self._recovered()
             acks = [task["task_id"] for task in tasks if isinstance(task, dict)
@@ -209,6 +217,16 @@ class Publisher:
                 _spawn(self._post_result, task_id,
                        {"error": "the publisher could not start this task"},
                        name=f"task-{task_id}")
+
+    def _poll_cut(self, held: float):
+        """A held poll lost its connection: a proxy or NAT on the way cuts idle
+        requests (often at 20-60 s). Poll with a shorter wait from now on
+        rather than back off as from an outage (tasks would wait meanwhile)."""
+        wait = max(MIN_POLL_WAIT, round(held * 0.8, 1))
+        if wait < self.poll_wait:
+            log.warning("a poll was cut after %.1f s (a proxy's idle timeout?); polling with "
+                        "wait=%g s from now on", held, wait)
+            self.poll_wait = wait
 
     def _heartbeat_loop(self):
         # An unexpected error must not end the heartbeats (the rows would go

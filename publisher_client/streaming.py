@@ -20,6 +20,7 @@ MAX_CHUNKS = 64
 MAX_BYTES = 256 * 1024   # well under the server's 4 MiB body limit
 LINGER = 0.02
 MAX_ATTEMPTS = 8         # per batch, with backoff: about a minute of server trouble
+MAX_QUEUED = 4 * MAX_CHUNKS  # then the backend reader waits: a slow client holds the backend back
 
 
 class _End:
@@ -47,12 +48,22 @@ class ChunkStream:
         self.sent = 0        # chunks the server accepted
         self.posts = 0       # batches posted (retries not counted)
         self.gone = threading.Event()
-        self._queue: queue.Queue = queue.Queue()
+        self._queue: queue.Queue = queue.Queue(maxsize=MAX_QUEUED)
         self._thread = threading.Thread(target=self._run, name="chunk-sender", daemon=True)
         self._thread.start()
 
     def put(self, data: str):
-        self._queue.put(data)
+        """Queue a chunk; waits while the queue is full (the server holds us
+        back), and drops it once the stream has stopped."""
+        self._put(data)
+
+    def _put(self, item):
+        while not self.gone.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def finish(self, done: bool = True, last: str | None = None,
                timeout: float | None = None) -> bool:
@@ -61,14 +72,17 @@ class ChunkStream:
         same post as `done`, a client never sees the end of a stream the
         server does not know has ended). Returns False when the stream
         stopped early (gone)."""
-        self._queue.put(_End(done, last))
+        self._put(_End(done, last))
         self._thread.join(timeout)
         return not self.gone.is_set()
 
     def cancel(self):
         """Drop what is queued and let the sender end; the backend is already stopping."""
         self.gone.set()
-        self._queue.put(_End(False))
+        try:
+            self._queue.put_nowait(_End(False))
+        except queue.Full:  # the sender sees `gone` after the batch in hand
+            pass
 
     def _run(self):
         try:

@@ -24,7 +24,6 @@ from services.errors import BadGateway, GatewayTimeout, TooManyRequests, Unavail
 MAX_TASKS_PER_POLL = 64
 MAX_ACKS_PER_POLL = 64
 CONNECTION_CHECK_INTERVAL = 2.0  # a held poll looks this often whether its publisher hung up
-MAX_BUFFERED_CHUNKS = 10_000  # unread chunks of one stream: past it, the publisher gets 429
 TOMBSTONE_TTL = 600.0         # a finished task is remembered this long (late posts: 409/410)
 DONE_MARKER = "[DONE]"
 
@@ -34,19 +33,23 @@ class Delivery:
     """How tasks reach publishers (DESIGN.md, "Delivery"): an acknowledging
     session's task not acknowledged within `ack_timeout` is delivered again, up
     to `max_attempts` deliveries; a session with no sign of life for
-    `lost_timeout` is lost; at most `max_polls` polls of a session are held."""
+    `lost_timeout` is lost; at most `max_polls` polls of a session are held;
+    a stream whose client has `max_buffered_chunks` unread holds its publisher
+    back (429)."""
 
     ack_timeout: float = 10.0
     max_attempts: int = 2
     lost_timeout: float = 60.0
     max_polls: int = 4
+    max_buffered_chunks: int = 10_000
 
     @classmethod
     def from_config(cls, config) -> "Delivery":
         return cls(ack_timeout=float(config["TASK_ACK_TIMEOUT"]),
                    max_attempts=int(config["TASK_MAX_ATTEMPTS"]),
                    lost_timeout=float(config["PUBLISHER_LOST_TIMEOUT"]),
-                   max_polls=int(config["MAX_POLLS_PER_SESSION"]))
+                   max_polls=int(config["MAX_POLLS_PER_SESSION"]),
+                   max_buffered_chunks=int(config["MAX_BUFFERED_CHUNKS"]))
 
 
 class TaskBus(abc.ABC):

@@ -20,9 +20,9 @@ import threading
 import time
 
 from services.bus import base
-from services.bus.base import (CONNECTION_CHECK_INTERVAL, DONE_MARKER, MAX_BUFFERED_CHUNKS,
-                               MAX_TASKS_PER_POLL, TOMBSTONE_TTL, Delivery, TaskBus,
-                               too_many_pending, too_many_polls)
+from services.bus.base import (CONNECTION_CHECK_INTERVAL, DONE_MARKER, MAX_TASKS_PER_POLL,
+                               TOMBSTONE_TTL, Delivery, TaskBus, too_many_pending,
+                               too_many_polls)
 from services.bus.states import FINAL, OPEN, TRANSITIONS, TaskState
 from services.errors import (BadGateway, Conflict, Forbidden, Gone, NotFound, TooManyRequests,
                              from_data)
@@ -273,7 +273,7 @@ class MemoryTaskBus(TaskBus):
             if start > t.received:
                 raise Conflict(f"Chunk seq {seq} leaves a gap: expected {t.received}",
                                code="seq_gap", details={"expected_seq": t.received})
-            if len(t.chunks) + len(chunks) > MAX_BUFFERED_CHUNKS:
+            if len(t.chunks) + len(chunks) > self.delivery.max_buffered_chunks:
                 raise TooManyRequests("The client is not reading the stream fast enough",
                                       headers={"Retry-After": "1"})
             self._signed(t)

@@ -36,9 +36,8 @@ import redis
 
 from jsonio import dumps, loads
 from models import new_id
-from services.bus.base import (CONNECTION_CHECK_INTERVAL, MAX_BUFFERED_CHUNKS,
-                               MAX_TASKS_PER_POLL, TOMBSTONE_TTL, Delivery, TaskBus,
-                               too_many_pending, too_many_polls)
+from services.bus.base import (CONNECTION_CHECK_INTERVAL, MAX_TASKS_PER_POLL, TOMBSTONE_TTL,
+                               Delivery, TaskBus, too_many_pending, too_many_polls)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services.bus.waiters import Waiters
 from services.errors import BadGateway, GatewayTimeout, Unavailable, bus_unavailable, from_data
@@ -278,7 +277,7 @@ class RedisTaskBus(TaskBus):
 
     def push_chunks(self, task_id, chunks, seq, done, owner=None):
         self._answer(self._run("push_chunks", task_id, owner or "", "" if seq is None else seq,
-                               _flag(done), MAX_BUFFERED_CHUNKS, *chunks))
+                               _flag(done), self.delivery.max_buffered_chunks, *chunks))
 
     def touch(self, session_id):
         self._run("touch", session_id)

@@ -54,9 +54,10 @@ class LoopbackServer:
 class SlowStreamBackend(LoopbackServer):
     """A real OpenAI-compatible backend on a loopback port that streams
     `chunks` SSE events `interval` seconds apart and notes when the client
-    hangs up (`disconnected` is set: a write failed)."""
+    hangs up (`disconnected` is set: a write failed). Each chunk's content is
+    `w<n> `, padded with `padding` characters."""
 
-    def __init__(self, chunks=200, interval=0.02):
+    def __init__(self, chunks=200, interval=0.02, padding=0):
         import threading
         from http.server import BaseHTTPRequestHandler
 
@@ -87,8 +88,8 @@ class SlowStreamBackend(LoopbackServer):
                 self.end_headers()
                 try:
                     for i in range(chunks):
-                        event = ('data: {"choices": [{"delta": {"content": "w%d "}}]}\n\n'
-                                 % i).encode()
+                        event = ('data: {"choices": [{"delta": {"content": "w%d %s"}}]}\n\n'
+                                 % (i, "x" * padding)).encode()
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                         self.wfile.flush()
                         backend.chunks_sent += 1

@@ -90,6 +90,14 @@ class LiveServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout)
 
+    def restart(self) -> None:
+        """Stop gunicorn gracefully and start it again on the same port,
+        database and bus (what a deploy does); return once `/healthz` answers."""
+        self.stop()
+        with open(self.log_path, "ab") as log:
+            self.process = _spawn_gunicorn(self.env, log)
+        _wait_healthy(self)
+
     def clean_up(self) -> dict:
         """Once stopped: drop its database and its Redis keys. Returns {key: ttl}
         of the keys that had no TTL (there must be none)."""
@@ -163,10 +171,7 @@ def start_server(tmp_path, env=None, *, share_with: LiveServer | None = None,
         run_flask(full_env, "db", "upgrade")
     log_path = tmp_path / f"server-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [str(venv_bin() / "gunicorn"), "-c", "gunicorn.conf.py", *GUNICORN_ARGS, "wsgi:app"],
-            cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: stop() can kill the worker too
+        process = _spawn_gunicorn(full_env, log)
     server = LiveServer(port=port, db_url=db_url, tokens={}, env=full_env, process=process,
                         log_path=log_path, bus_settings=bus_settings,
                         owns_database=share_with is None)
@@ -180,6 +185,13 @@ def start_server(tmp_path, env=None, *, share_with: LiveServer | None = None,
         server.stop(timeout=2.0)
         raise
     return server
+
+
+def _spawn_gunicorn(env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(venv_bin() / "gunicorn"), "-c", "gunicorn.conf.py", *GUNICORN_ARGS, "wsgi:app"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: stop() can kill the worker too
 
 
 def _wait_healthy(server: LiveServer) -> None:
