@@ -17,49 +17,55 @@ import logging
 import sqlalchemy as sa
 
 from models import Agent, Kind, Llm, Project, PublisherSession, Status, new_id
+from services import rows
 from services.errors import Conflict, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
 PUBLISHED = (Llm, Agent)
 LABELS = {Llm: "LLM", Agent: "agent"}
+RACED = ("Another registration took one of these names, or this session, at the same "
+         "moment; register again")
 
 
 def register(session, caller, session_id, llms, agents, now):
     """Bind (or create) the publisher session and upsert its LLMs, then its agents.
 
     Returns (session_id, [Llm], [Agent]). Raises Forbidden (another token owns
-    the session), Conflict (public name, another session's live row), NotFound
-    (an agent's LLM or project does not exist).
+    the session), Conflict (public name, another session's live row, or a
+    concurrent registration that took a new name or the new session id
+    first), NotFound (an agent's LLM or project does not exist).
     """
     session_id = session_id or new_id()
-    publisher = session.get(PublisherSession, session_id)
-    if publisher is None:
-        session.add(PublisherSession(id=session_id, owner=caller.id, last_heartbeat_at=now))
-    elif publisher.owner != caller.id:
-        raise Forbidden(f"Session '{session_id}' belongs to another token",
-                        code="foreign_session")
-    else:
-        publisher.last_heartbeat_at = now
+    with rows.conflict_on_race(RACED, "registration_conflict"):
+        publisher = session.get(PublisherSession, session_id)
+        if publisher is None:
+            session.add(PublisherSession(id=session_id, owner=caller.id,
+                                         last_heartbeat_at=now))
+        elif publisher.owner != caller.id:
+            raise Forbidden(f"Session '{session_id}' belongs to another token",
+                            code="foreign_session")
+        else:
+            publisher.last_heartbeat_at = now
 
-    llm_rows = []
-    for spec in llms:
-        spec = dict(spec)
-        status = spec.pop("initial_status", Status.ACTIVE)
-        llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
-    session.flush()  # the agents below may pin the LLMs just inserted
+        llm_rows = []
+        for spec in llms:
+            spec = dict(spec)
+            status = spec.pop("initial_status", Status.ACTIVE)
+            llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
+        session.flush()  # the agents below may pin the LLMs just inserted
 
-    agent_rows = []
-    for spec in agents:
-        spec = dict(spec)
-        spec["llm_id"] = _agent_llm_id(session, caller, session_id, spec)
-        if "project" in spec:
-            project = spec.pop("project")
-            spec["project_id"] = project and _id_by_name(session, Project, project)
-        row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now, caller)
-        row.owner = row.owner or caller.id
-        agent_rows.append(row)
-    session.flush()
+        agent_rows = []
+        for spec in agents:
+            spec = dict(spec)
+            spec["llm_id"] = _agent_llm_id(session, caller, session_id, spec)
+            if "project" in spec:
+                project = spec.pop("project")
+                spec["project_id"] = project and _id_by_name(session, Project, project)
+            row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now, caller)
+            row.owner = row.owner or caller.id
+            agent_rows.append(row)
+        session.flush()
     log.info("registered session %s: %d LLMs, %d agents", session_id, len(llm_rows),
              len(agent_rows))
     return session_id, llm_rows, agent_rows
