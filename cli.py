@@ -103,6 +103,9 @@ def gc_sweep(as_json, heartbeat_timeout, retention):
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":")))
         return
+    if result.get("skipped"):
+        click.echo("another gc-sweep is running: nothing done")
+        return
     for table in ("agents", "llms"):
         counts = result[table]
         click.echo(f"{table}: {counts['marked_inactive']} marked inactive, "

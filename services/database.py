@@ -232,3 +232,11 @@ def maintenance_bounds(connection, config):
     finally:
         raw.execute(f"PRAGMA busy_timeout = {milliseconds(config['SQLITE_BUSY_TIMEOUT'])}")
 
+
+def try_transaction_lock(session, key: int) -> bool:
+    """Take PostgreSQL's transaction-level advisory lock `key` if no other
+    transaction holds it (it is released at commit or rollback). True on
+    other engines: SQLite's single writer already serializes."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    return bool(session.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key))).scalar())
