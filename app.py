@@ -53,6 +53,7 @@ def register_blueprints(app):
     from blueprints import (agents, chat, common, health, infer, llms, openai_compat, projects,
                             prompts, publishers)
 
+    app.before_request(common.refuse_nul_in_url)
     api = Blueprint("api", __name__, url_prefix="/api/v1")
     api.before_request(common.authenticate_request)
     for child in (llms.bp, infer.bp, publishers.bp, agents.bp, projects.bp, prompts.bp,

@@ -35,9 +35,23 @@ def handle_service_error(exc: ServiceError):
 
 def handle_validation_error(exc: ValidationError):
     messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
-    fields = ", ".join(sorted(str(k) for k in messages))
-    return error_response(400, f"Invalid request body: {fields}", "invalid_request_error",
+    return error_response(400, first_problem(messages), "invalid_request_error",
                           "validation_failed", messages)
+
+
+def first_problem(messages) -> str:
+    """`field: reason` for the first field (in sorted order) of marshmallow's
+    messages; a nested field is named by its path (`llms.0.description`)."""
+    path = []
+    while isinstance(messages, dict) and messages:
+        key = min(messages, key=str)
+        path.append(str(key))
+        messages = messages[key]
+    while isinstance(messages, list | tuple) and messages:
+        messages = messages[0]
+    if path in ([], ["_schema"]):
+        return str(messages)
+    return f"{'.'.join(path)}: {messages}"
 
 
 def handle_http_exception(exc: HTTPException):

@@ -509,11 +509,13 @@ def _alternating(messages: list[dict]) -> list[dict]:
 
 
 def _settle(session, turn, now, **values):
-    # Only a pending message moves: a settled one is never rewritten.
+    # Only a pending message moves: a settled one is never rewritten. What the
+    # LLM (or a publisher's error) said is stored without NUL characters,
+    # which PostgreSQL cannot hold; the caller got it as it was.
     changed = session.execute(
         sa.update(ChatMessage)
         .where(ChatMessage.id == turn.message_id, ChatMessage.status == MessageStatus.PENDING)
-        .values(**values)
+        .values(**database.without_nul(values))
         .execution_options(synchronize_session=False)).rowcount
     session.execute(sa.update(ChatThread).where(ChatThread.id == turn.thread_id)
                     .values(last_turn_at=now).execution_options(synchronize_session=False))

@@ -150,6 +150,19 @@ def log_unexpected(exc: BaseException, what: str) -> None:
     log.error("%s: %s\nTraceback (most recent call last):\n%s", what, describe(exc), stack)
 
 
+def without_nul(value):
+    """`value` with every NUL character in its strings (keys included, at any
+    depth) replaced by U+FFFD: for text that is stored but was not ours to
+    refuse (an LLM's answer). Request bodies refuse NULs instead (schemas/)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list | tuple):
+        return [without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
+    return value
+
+
 def _sqlite_code(exc: sqlite3.Error) -> int:
     return getattr(exc, "sqlite_errorcode", None) or 0
 
