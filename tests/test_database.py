@@ -61,6 +61,30 @@ def test_the_pool_is_sized_from_the_settings_and_checks_connections_before_use(t
 
 # -- PostgreSQL's own bounds ------------------------------------------------------------
 
+def settings_with(**overrides):
+    import settings
+
+    return {**settings.DEFAULTS, **overrides}
+
+
+def test_postgresql_connections_get_the_timeouts_as_startup_options_after_the_urls_own():
+    options = database.engine_options(
+        "postgresql+psycopg://u@h/db?options=-c%20search_path%3Dsb",
+        settings_with(DATABASE_LOCK_TIMEOUT=2, DATABASE_STATEMENT_TIMEOUT=30.5,
+                      DATABASE_CONNECT_TIMEOUT=5))
+    assert options["connect_args"] == {
+        "connect_timeout": 5,
+        "options": "-c search_path=sb -c lock_timeout=2000 -c statement_timeout=30500"}
+    assert options["pool_pre_ping"] is True
+
+
+def test_timeouts_of_zero_send_no_startup_options_for_a_pgbouncer_that_refuses_them():
+    options = database.engine_options(
+        "postgresql+psycopg://u@h/db",
+        settings_with(DATABASE_LOCK_TIMEOUT=0, DATABASE_STATEMENT_TIMEOUT=0))
+    assert "options" not in options["connect_args"]
+
+
 @pg_only()
 @pytest.mark.parametrize("app_config", [{"DATABASE_LOCK_TIMEOUT": 1.5,
                                          "DATABASE_STATEMENT_TIMEOUT": 0.3}])
@@ -227,7 +251,8 @@ def test_gc_sweep_outlasts_the_servers_statement_timeout_on_a_big_table(app, run
 
 
 @pg_only()
-@pytest.mark.parametrize("app_config", [{"MAINTENANCE_LOCK_TIMEOUT": 0.3}])
+@pytest.mark.parametrize("app_config", [{"DATABASE_LOCK_TIMEOUT": 30,
+                                         "MAINTENANCE_LOCK_TIMEOUT": 0.3}])
 def test_gc_sweep_waits_for_a_table_lock_at_most_the_maintenance_lock_timeout(app, runner):
     lock = WriteLock(app)
     lock.take()
@@ -254,4 +279,5 @@ def test_describe_names_the_error_but_quotes_no_value(app):
     assert "IntegrityError" in line and "INSERT INTO llm" in line
     assert "sk-quoted" not in line
     assert database.is_unique_violation(taken.value)
+
 
