@@ -127,15 +127,14 @@ def test_the_jsonb_migration_goes_down_and_up_again(fresh):
         assert compare_metadata(context, db.metadata) == []
 
 
-def insert_llm(conn, name, extra_config_json, **fields):
-    now = utcnow()
+def insert_llm(conn, name, extra_config_json):
+    """A row as revision 3f6c2b9d1e47 stores it (extra_config: the json type)."""
     conn.execute(sa.text(
         "INSERT INTO llm (id, name, type, model, url, tier, description, extra_config, "
-        "created_at, updated_at, kind, status, version, last_heartbeat_at) VALUES "
+        "created_at, updated_at, kind, status, version) VALUES "
         "(:id, :name, 'openai', 'm', '', 'fast', '', CAST(:extra AS json), :now, :now, "
-        "'virtual', 'active', 1, :heartbeat)"),
-        {"id": uuid.uuid4().hex, "name": name, "extra": extra_config_json, "now": now,
-         "heartbeat": fields.get("heartbeat", now)})
+        "'public', 'active', 1)"),
+        {"id": uuid.uuid4().hex, "name": name, "extra": extra_config_json, "now": utcnow()})
 
 
 @pg_only("the old json type accepted \\u0000; JSONB does not")

@@ -9,11 +9,10 @@ the loser finds the winner's row. Either way: one row, one 201, one 409."""
 import subprocess
 import threading
 
-import pytest
 import sqlalchemy as sa
 
 from extensions import db
-from models import ApiToken, Llm, PublisherSession
+from models import Agent, ApiToken, Llm, PublisherSession
 from services import tokens as token_service
 from services.errors import Conflict
 from tests.support import stack
@@ -150,17 +149,20 @@ def test_two_flask_tokens_create_at_once_one_prints_a_token_and_one_a_one_line_e
     assert count(app, ApiToken, ApiToken.name == "ci") == 1
 
 
-@pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 5}])
-def test_a_register_racing_a_new_agent_name_is_a_409_too(app, auth):
+def test_two_publishers_registering_one_new_agent_name_at_once_get_a_201_and_a_409(
+        app, auth):
     engine = engine_of(app)
 
-    def publish(session_id, llm):
-        return app.test_client().post("/api/v1/publishers/register", headers=auth("publisher"), json={
-            "session_id": session_id, "llms": [{"name": llm, "model": "m"}],
-            "agents": [{"name": "shared-agent", "llm": llm}]})
+    def publish(session_id, llm, agent):
+        return app.test_client().post(
+            "/api/v1/publishers/register", headers=auth("publisher"),
+            json={"session_id": session_id, "llms": [{"name": llm, "model": "m"}],
+                  "agents": [{"name": agent, "llm": llm}]})
 
-    with barrier_before(engine, racing_statement("INSERT INTO agent")):
-        responses = at_once(lambda: publish("x-1", "llm-x1"), lambda: publish("x-2", "llm-x2"))
-    assert sorted(map(outcome, responses)) == [201, 409]
-    with other_connection(app) as conn:
-        assert conn.scalar(sa.text("SELECT count(*) FROM agent")) == 1
+    for attempt in range(REPEATS):
+        agent = f"shared-agent-{attempt}"
+        with barrier_before(engine, racing_statement("INSERT INTO agent")):
+            responses = at_once(lambda: publish(f"x-{attempt}", f"x-llm-{attempt}", agent),
+                                lambda: publish(f"y-{attempt}", f"y-llm-{attempt}", agent))
+        assert sorted(map(outcome, responses)) == [201, 409]
+        assert count(app, Agent, Agent.name == agent) == 1
