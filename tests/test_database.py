@@ -44,7 +44,7 @@ def test_a_request_that_gets_no_pooled_connection_in_time_is_503_database_busy(
         held.close()
     assert envelope_of(response, 503)["code"] == "database_busy"
     assert response.headers["Retry-After"] == "1"
-    assert 0.9 < time.monotonic() - started < 3
+    assert 0.9 < time.monotonic() - started < 5
     assert client.get("/api/v1/llms", headers=auth("client")).status_code == 200
 
 
@@ -100,7 +100,7 @@ def test_a_statement_past_the_statement_timeout_is_503_database_busy(app, client
     started = time.monotonic()
     response = client.get("/slow")
     assert envelope_of(response, 503)["code"] == "database_busy"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4  # pg_sleep(5) was cut short
 
 
 @pg_only()
@@ -264,7 +264,7 @@ def test_gc_sweep_waits_for_a_table_lock_at_most_the_maintenance_lock_timeout(ap
     assert result.exit_code == 1
     assert "database_busy" in result.stderr
     assert "Traceback" not in result.output
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # not the server's 30 s
 
 
 def test_describe_names_the_error_but_quotes_no_value(app):

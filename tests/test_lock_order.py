@@ -126,7 +126,7 @@ def test_a_sweep_passes_over_a_row_another_transaction_holds_without_waiting(app
             with app.app_context():
                 result = gc.sweep(db.session, utcnow(), heartbeat_timeout=90, retention=14400)
                 db.session.commit()
-            assert time.monotonic() - started < 1
+            assert time.monotonic() - started < 1.5  # it did not wait for the row
     finally:
         engine.dispose()
     assert result["llms"]["marked_inactive"] == 2
