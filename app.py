@@ -30,6 +30,7 @@ def create_app(config=None, instance_path=None):
 
 def register_extensions(app):
     import models  # noqa: F401  (registers the tables with db)
+    from services import database
     from services.api_keys import ApiKeyCipher
     from services.bus import create_bus
     from services.relay import Relay
@@ -38,14 +39,8 @@ def register_extensions(app):
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     _create_private_sqlite_file(uri)
     options = app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {})
-    # A database error's message would otherwise quote the statement's
-    # parameters, an LLM's api_key among them, into logs.
-    options.setdefault("hide_parameters", True)
-    if uri.startswith("sqlite"):
-        # SQLite's busy wait blocks the whole gevent worker, so keep it short;
-        # a lock held longer is a 503 with Retry-After (blueprints/errors.py).
-        options.setdefault("connect_args", {}).setdefault(
-            "timeout", float(app.config["SQLITE_BUSY_TIMEOUT"]))
+    for key, value in database.engine_options(uri, app.config).items():
+        options.setdefault(key, value)
     db.init_app(app)
     migrate.init_app(app, db, render_as_batch=True)
     if uri.startswith("sqlite"):
@@ -96,6 +91,7 @@ def register_blueprints(app):
     from blueprints import (agents, chat, common, health, infer, llms, openai_compat, projects,
                             prompts, publishers)
 
+    app.before_request(common.refuse_nul_in_url)
     app.before_request(common.require_migrated_schema)
     app.before_request(common.refuse_foreign_preflight)
     api = Blueprint("api", __name__, url_prefix="/api/v1")

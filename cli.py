@@ -3,12 +3,13 @@ import functools
 import json
 
 import click
+import sqlalchemy as sa
 from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 
 from extensions import db
 from models import Role, utcnow
-from services import gc, tokens
+from services import database, gc, tokens
 from services.errors import ServiceError
 
 tokens_cli = AppGroup("tokens", help="Create, list, revoke and bootstrap API tokens.")
@@ -36,7 +37,7 @@ def migrated(command):
 def create_token(name, role):
     """Create a token and print it alone on stdout (it is never shown again)."""
     raw = _run(tokens.create_token, db.session, name, role)
-    db.session.commit()
+    _commit()
     click.echo(raw)
 
 
@@ -58,7 +59,7 @@ def list_tokens():
 def revoke_token(name):
     """Revoke a token by name; requests with it then get 401."""
     _run(tokens.revoke_token, db.session, name, utcnow())
-    db.session.commit()
+    _commit()
     click.echo(f"revoked {name}", err=True)
 
 
@@ -71,15 +72,26 @@ def bootstrap_token():
     name); with an active admin token it prints nothing."""
     raw = _run(tokens.bootstrap_admin, db.session)
     if raw is not None:
-        db.session.commit()
+        _commit()
         click.echo(raw)
 
 
 def _run(operation, *args):
+    """The operation's result; a refusal, or a database that is busy or
+    unreachable, is a one-line error (exit 1), not a traceback."""
     try:
         return operation(*args)
     except ServiceError as exc:
         raise click.ClickException(exc.message) from None
+    except sa.exc.SQLAlchemyError as exc:
+        error = database.unavailable(exc)
+        if error is None:
+            raise
+        raise click.ClickException(f"{error.message} ({error.code})") from None
+
+
+def _commit():
+    _run(db.session.commit)
 
 
 @click.command("gc-sweep")
@@ -97,22 +109,34 @@ def gc_sweep(as_json, heartbeat_timeout, retention):
     settle chat answers a killed worker left pending."""
     config = current_app.config
     interrupted_after = float(config["CHAT_PENDING_TIMEOUT"])
-    result = gc.sweep(
-        db.session, utcnow(),
-        heartbeat_timeout=(heartbeat_timeout if heartbeat_timeout is not None
-                           else float(config["HEARTBEAT_TIMEOUT"])),
-        retention=retention if retention is not None else float(config["INACTIVE_RETENTION"]),
-        interrupted_after=interrupted_after)
-    db.session.commit()
+
+    def sweep():
+        # Its own, longer bounds: at 100,000 rows a statement may outlast the
+        # server's statement_timeout.
+        with database.maintenance_bounds(db.session.connection(), config):
+            result = gc.sweep(
+                db.session, utcnow(),
+                heartbeat_timeout=(heartbeat_timeout if heartbeat_timeout is not None
+                                   else float(config["HEARTBEAT_TIMEOUT"])),
+                retention=(retention if retention is not None
+                           else float(config["INACTIVE_RETENTION"])),
+                interrupted_after=interrupted_after)
+            db.session.commit()
+        return result
+
+    result = _run(sweep)
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":")))
-    else:
-        for table in ("agents", "llms"):
-            counts = result[table]
-            click.echo(f"{table}: {counts['marked_inactive']} marked inactive, "
-                       f"{counts['deleted']} deleted")
-        click.echo(f"chat messages: {result['chat_messages']['settled']} interrupted "
-                   f"turns settled as error")
+        return
+    if result.get("skipped"):
+        click.echo("another gc-sweep is running: nothing done")
+        return
+    for table in ("agents", "llms"):
+        counts = result[table]
+        click.echo(f"{table}: {counts['marked_inactive']} marked inactive, "
+                   f"{counts['deleted']} deleted")
+    click.echo(f"chat messages: {result['chat_messages']['settled']} interrupted "
+               f"turns settled as error")
 
 
 def init_app(app):

@@ -40,6 +40,27 @@ DEFAULTS = {
     # How long a SQLite write waits for another process's lock (gc-sweep from
     # cron, a `flask tokens` command); it stalls the gevent worker meanwhile.
     "SQLITE_BUSY_TIMEOUT": 2.0,
+    # Every wait for the database is bounded; past a bound, a 503
+    # (`database_busy` / `database_unavailable`) with Retry-After. Connections
+    # per worker process: greenlets hold one only between their first query
+    # and their commit, never while they wait on the bus or an upstream.
+    "DATABASE_POOL_SIZE": 10,
+    "DATABASE_MAX_OVERFLOW": 10,
+    # How long a request waits for a pooled connection when all are in use
+    # (whole seconds, rounded up).
+    "DATABASE_POOL_TIMEOUT": 5.0,
+    # PostgreSQL: connecting (psycopg's minimum is 2), a lock wait and one
+    # statement, enforced by the server (0: no bound of ours, e.g. behind a
+    # PgBouncer that refuses the `options` startup parameter; set them on the
+    # role then).
+    "DATABASE_CONNECT_TIMEOUT": 5.0,
+    "DATABASE_LOCK_TIMEOUT": 2.0,
+    "DATABASE_STATEMENT_TIMEOUT": 30.0,
+    # The same bounds for `flask db upgrade` and `flask gc-sweep`, which
+    # rewrite or scan whole tables (on SQLite, the lock bound is their busy
+    # timeout).
+    "MAINTENANCE_LOCK_TIMEOUT": 10.0,
+    "MAINTENANCE_STATEMENT_TIMEOUT": 3600.0,
     # gc-sweep settles a chat answer still `pending` this long after its turn
     # began: its worker was killed (no live turn lasts an hour).
     "CHAT_PENDING_TIMEOUT": 3600.0,

@@ -14,6 +14,15 @@ from services.api_keys import ApiKeyCipher
 from services.errors import Forbidden, Invalid
 
 
+def refuse_nul_in_url():
+    """App-level `before_request`, first of all: a NUL character in the path
+    (`%00`) or the query is a 400. It can name nothing we have, and
+    PostgreSQL could not even look it up."""
+    if "\x00" in request.path or any("\x00" in key or "\x00" in value
+                                      for key, value in request.args.items(multi=True)):
+        raise Invalid("The URL must not contain NUL characters (%00)", code="invalid_url")
+
+
 def authenticate_request():
     """`before_request` of the token-protected blueprints. A browser's CORS
     preflight carries no token by design: refuse_foreign_preflight has judged it."""

@@ -4,10 +4,11 @@ import re
 
 from flask import current_app, jsonify, request
 from marshmallow import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from services import rows
+from services import database
 from services.errors import ServiceError, envelope
 
 log = logging.getLogger(__name__)
@@ -97,17 +98,22 @@ def handle_unexpected(exc: Exception):
     return error_response(500, "Internal server error", "server_error", "internal_error")
 
 
-def handle_database_error(exc: OperationalError):
-    if rows.database_busy(exc):
-        log.warning("database busy: a write waited out SQLITE_BUSY_TIMEOUT")
-        return error_response(503, "The database is busy; retry shortly", "unavailable",
-                              "database_busy", headers={"Retry-After": "1"})
-    return handle_unexpected(exc)
+def handle_database_error(exc: DBAPIError | PoolTimeout):
+    """A wait that ran out or a lost connection is a 503 (services/database.py
+    decides which); anything else is a 500 logged without the error's text,
+    which may quote a row's values."""
+    error = database.unavailable(exc)
+    if error is not None:
+        log.warning("%s: %s", error.code, database.describe(exc))
+        return handle_service_error(error)
+    database.log_unexpected(exc, "unhandled database error")
+    return error_response(500, "Internal server error", "server_error", "internal_error")
 
 
 def register_errorhandlers(app):
     app.register_error_handler(ServiceError, handle_service_error)
-    app.register_error_handler(OperationalError, handle_database_error)
+    app.register_error_handler(DBAPIError, handle_database_error)
+    app.register_error_handler(PoolTimeout, handle_database_error)
     app.register_error_handler(ValidationError, handle_validation_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

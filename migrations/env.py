@@ -99,7 +99,12 @@ def run_migrations_online():
         )
 
         with context.begin_transaction():
-            context.run_migrations()
+            # Migrations rewrite whole tables: bounds of their own, longer
+            # than the server's lock_timeout and statement_timeout.
+            from services.database import maintenance_bounds
+
+            with maintenance_bounds(connection, current_app.config):
+                context.run_migrations()
 
 
 if context.is_offline_mode():

@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from extensions import db
-from models.common import LifecycleMixin, created_column, id_column, iso, updated_column
+from models.common import JSON, LifecycleMixin, created_column, id_column, iso, updated_column
 
 
 class Project(db.Model):
@@ -45,8 +45,8 @@ class Agent(LifecycleMixin, db.Model):
     default_personality_id: Mapped[str | None] = mapped_column(
         sa.ForeignKey("personality.id", ondelete="SET NULL", use_alter=True))
     proxy_model_name: Mapped[str | None] = mapped_column(sa.String(200))
-    default_params: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
-    extras: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    default_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    extras: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     owner: Mapped[str | None] = mapped_column(sa.String(32))
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from extensions import db
-from models.common import created_column, id_column, iso
+from models.common import JSON, created_column, id_column, iso
 
 
 class MessageStatus(enum.StrEnum):
@@ -39,14 +39,18 @@ class ChatThread(db.Model):
 
 class ChatMessage(db.Model):
     __tablename__ = "chat_message"
-    __table_args__ = (sa.UniqueConstraint("thread_id", "turn_index"),)
+    __table_args__ = (
+        sa.UniqueConstraint("thread_id", "turn_index"),
+        # gc-sweep settles answers left `pending` by a killed worker.
+        sa.Index("ix_chat_message_status_created_at", "status", "created_at"),
+    )
 
     id: Mapped[str] = id_column()
     thread_id: Mapped[str] = mapped_column(sa.ForeignKey("chat_thread.id", ondelete="CASCADE"))
     turn_index: Mapped[int]
     role: Mapped[str] = mapped_column(sa.String(16))
     content: Mapped[str] = mapped_column(sa.Text, default="")
-    tool_calls: Mapped[list[Any] | None] = mapped_column(sa.JSON)
+    tool_calls: Mapped[list[Any] | None] = mapped_column(JSON)
     tool_call_id: Mapped[str | None] = mapped_column(sa.String(100))
     status: Mapped[str] = mapped_column(sa.String(16), default=MessageStatus.COMPLETE)
     # Why an assistant message ended in `error` (its content is what arrived).

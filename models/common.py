@@ -4,7 +4,12 @@ import uuid
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, declared_attr, mapped_column
+
+# JSON columns: JSONB on PostgreSQL (binary, indexable, compared by value;
+# it cannot hold \u0000, which the schemas refuse anyway), JSON text elsewhere.
+JSON = sa.JSON().with_variant(JSONB(), "postgresql")
 
 
 def new_id() -> str:

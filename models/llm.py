@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from extensions import db
-from models.common import LifecycleMixin, created_column, id_column, iso, updated_column
+from models.common import JSON, LifecycleMixin, created_column, id_column, iso, updated_column
 
 
 class Llm(LifecycleMixin, db.Model):
@@ -24,7 +24,7 @@ class Llm(LifecycleMixin, db.Model):
     description: Mapped[str] = mapped_column(sa.Text, default="")
     # Write-only: no view, log line or error message may carry it.
     api_key: Mapped[str | None] = mapped_column(sa.Text)
-    extra_config: Mapped[dict[str, Any]] = mapped_column(sa.JSON, default=dict)
+    extra_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()
 

@@ -1,14 +1,15 @@
 """Request bodies of agents, projects, prompts, personalities, threads and chat."""
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from schemas.common import Name, SamplingSchema, StrictBoolean, StrictInteger, StrictSchema
+from schemas.common import (Name, NoNulSchema, SamplingSchema, StrictBoolean, StrictInteger,
+                            StrictSchema)
 
 TEXT_MAX = 100_000
 # Keys of a chat-completions body that the chat builds itself.
 RESERVED_PARAMS = ("model", "messages", "stream")
 
 
-class SamplingParamsSchema(SamplingSchema):
+class SamplingParamsSchema(NoNulSchema, SamplingSchema):
     """`default_params` / `params`: the sampling fields (and `top_k`, which
     local servers take); a `null` in a call's `params` removes the agent's
     default for that key. The chat sets model, messages and stream itself."""

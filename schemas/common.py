@@ -1,7 +1,7 @@
 import re
 from urllib.parse import urlsplit
 
-from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates
+from marshmallow import INCLUDE, Schema, ValidationError, fields, pre_load, validate, validates
 
 # \Z, not $: `$` also matches before a final newline ("abc\n" is no name).
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
@@ -82,8 +82,53 @@ class SamplingSchema(Schema):
             raise ValidationError("Must be a string or a list of strings.")
 
 
-class StrictSchema(Schema):
-    """Unknown fields are a 400: CRUD cannot set lifecycle columns."""
+NUL_MESSAGE = "Must not contain NUL characters."
+NUL_KEY_MESSAGE = "Keys must not contain NUL characters."
+
+
+def nul_errors(value):
+    """Marshmallow-shaped errors for every NUL character in `value`'s strings,
+    keys included, at any depth ({} when there is none)."""
+    if isinstance(value, str):
+        return [NUL_MESSAGE] if "\x00" in value else {}
+    if isinstance(value, dict):
+        errors = {}
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                errors[key.replace("\x00", "\\u0000")] = [NUL_KEY_MESSAGE]
+            elif problems := nul_errors(item):
+                errors[key] = problems
+        return errors
+    if isinstance(value, list):
+        return {index: problems for index, item in enumerate(value)
+                if (problems := nul_errors(item))}
+    return {}
+
+
+class NoNulSchema(Schema):
+    """A body that is stored: a NUL character anywhere in it is a 400 naming
+    its field, on every engine (PostgreSQL's text and JSONB cannot hold one;
+    SQLite would keep it and hand it on)."""
+
+    @pre_load
+    def refuse_nul(self, data, **_):
+        if isinstance(data, dict) and (errors := nul_errors(data)):
+            raise ValidationError(errors)
+        return data
+
+
+class StrictSchema(NoNulSchema):
+    """Unknown fields are a 400: CRUD cannot set lifecycle columns. Such a
+    body is stored, so NULs are refused too (NoNulSchema)."""
+
+    class Meta:
+        unknown = "raise"
+
+
+class RelayedSchema(Schema):
+    """Unknown fields are a 400, but this body is only relayed to a client,
+    never stored (a task's result or chunks): its NULs go through, as an
+    inference body's do."""
 
     class Meta:
         unknown = "raise"

@@ -1,7 +1,7 @@
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from schemas.agent import Params
-from schemas.common import Name, StrictBoolean, StrictInteger, StrictSchema
+from schemas.common import Name, RelayedSchema, StrictBoolean, StrictInteger, StrictSchema
 from schemas.llm import TIERS
 from services.bus.base import MAX_ACKS_PER_POLL
 
@@ -46,7 +46,7 @@ class RegisterSchema(StrictSchema):
                 raise ValidationError(f"duplicate names: {', '.join(duplicates)}", key)
 
 
-class ResultSchema(StrictSchema):
+class ResultSchema(RelayedSchema):
     status = StrictInteger(validate=validate.Range(min=100, max=599))
     body = fields.Raw(allow_none=True)
     error = fields.String(validate=validate.Length(min=1, max=10_000))
@@ -57,11 +57,11 @@ class ResultSchema(StrictSchema):
             raise ValidationError("give either {status, body} or {error}", "_schema")
 
 
-class ChunkSchema(StrictSchema):
+class ChunkSchema(RelayedSchema):
     data = fields.String(required=True)
 
 
-class ChunksSchema(StrictSchema):
+class ChunksSchema(RelayedSchema):
     chunks = fields.List(fields.Nested(ChunkSchema), required=True)
     done = StrictBoolean(load_default=False)
     seq = StrictInteger(validate=validate.Range(min=0), load_default=None)

@@ -13,7 +13,8 @@ A turn has three steps, and the view owns the transaction around each:
    The outcome is stored through the view's `transaction`, a factory of
    context managers, each yielding a session and committing it when its
    block ends cleanly, and is retried a few times while the database is
-   busy (another process, a cron `gc-sweep`, holding SQLite's write lock):
+   busy (another process, a cron `gc-sweep`, holding SQLite's write lock or
+   PostgreSQL's row locks past `lock_timeout`; services/database.py decides):
    the answer is paid for, so a short wait beats losing it. An answer that
    still cannot be stored is reported as such (`saved` false; an `error`
    event instead of `final`), and its message stays `pending` until the
@@ -40,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from jsonio import dumps
 from models import Agent, ChatMessage, ChatThread, MessageStatus, Status
-from services import agents, inference, rows
+from services import agents, database, inference, rows
 from services.errors import (BadGateway, Forbidden, Invalid, NotFound, ServiceError, Unavailable,
                             envelope)
 from services.inference import SSE_KEEPALIVE, Reply, Target, sse_event
@@ -56,9 +57,10 @@ CLIENT_GONE = "The client went away before the answer finished"
 INTERRUPTED = "The turn was interrupted before the answer finished"
 NOT_SAVED = "The answer could not be saved to the thread; it is not part of its history"
 # Storing an outcome while the database is busy: this many attempts, each
-# waiting up to SQLITE_BUSY_TIMEOUT for the lock (a wait that stalls the
-# gevent worker, hence few), with a cooperative sleep between them of
-# SETTLE_BACKOFF seconds, doubling, with jitter.
+# waiting up to SQLITE_BUSY_TIMEOUT (a wait that stalls the gevent worker,
+# hence few) or PostgreSQL's DATABASE_LOCK_TIMEOUT for the lock, with a
+# cooperative sleep between them of SETTLE_BACKOFF seconds, doubling, with
+# jitter.
 SETTLE_ATTEMPTS = 3
 SETTLE_BACKOFF = 0.5
 
@@ -407,9 +409,10 @@ def _store(transaction, settle, turn, *args, clock, **kwargs) -> bool:
         try:
             with transaction() as session:
                 return settle(session, turn, *args, now=clock(), **kwargs)
-        except sa.exc.OperationalError as exc:
-            if not rows.database_busy(exc) or attempt == SETTLE_ATTEMPTS:
-                log.exception("could not store the outcome of thread %s", turn.thread_id)
+        except sa.exc.SQLAlchemyError as exc:
+            if not database.is_busy(exc) or attempt == SETTLE_ATTEMPTS:
+                database.log_unexpected(
+                    exc, f"could not store the outcome of thread {turn.thread_id}")
                 return False
             log.warning("database busy storing the outcome of thread %s (attempt %d of %d)",
                         turn.thread_id, attempt, SETTLE_ATTEMPTS)
@@ -506,11 +509,13 @@ def _alternating(messages: list[dict]) -> list[dict]:
 
 
 def _settle(session, turn, now, **values):
-    # Only a pending message moves: a settled one is never rewritten.
+    # Only a pending message moves: a settled one is never rewritten. What the
+    # LLM (or a publisher's error) said is stored without NUL characters,
+    # which PostgreSQL cannot hold; the caller got it as it was.
     changed = session.execute(
         sa.update(ChatMessage)
         .where(ChatMessage.id == turn.message_id, ChatMessage.status == MessageStatus.PENDING)
-        .values(**values)
+        .values(**database.without_nul(values))
         .execution_options(synchronize_session=False)).rowcount
     session.execute(sa.update(ChatThread).where(ChatThread.id == turn.thread_id)
                     .values(last_turn_at=now).execution_options(synchronize_session=False))

@@ -11,58 +11,98 @@ The seeds' rules (VirtualLlmService.register, AgentService.registerVirtualAgents
 
 LLMs and agents follow the same rules, so one sticky upsert serves both.
 Services flush; the view commits, then notifies the bus.
+
+Lock order. Every transaction that writes several publishable rows locks
+them in one order: agents, then LLMs, then the publisher session, and within
+a table by id (`_in_lock_order`; two plans scanning the same rows would
+otherwise lock them in different orders). heartbeat, disconnect and
+register here follow it, so none of them can wait on another in a cycle (a
+deadlock, PostgreSQL's 40P01); register takes its row locks up front, as
+its writes would otherwise reach the tables in the unit of work's order
+(session, LLMs, agents). gc-sweep (services/gc.py) visits the tables in the
+same order and never waits for a row at all.
 """
 import logging
 
 import sqlalchemy as sa
 
 from models import Agent, Kind, Llm, Project, PublisherSession, Status, new_id
+from services import rows
 from services.errors import Conflict, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
-PUBLISHED = (Llm, Agent)
+# The lock order (see above): agents before LLMs.
+PUBLISHED = (Agent, Llm)
 LABELS = {Llm: "LLM", Agent: "agent"}
+RACED = ("Another registration took one of these names, or this session, at the same "
+         "moment; register again")
 
 
 def register(session, caller, session_id, llms, agents, now):
     """Bind (or create) the publisher session and upsert its LLMs, then its agents.
 
     Returns (session_id, [Llm], [Agent]). Raises Forbidden (another token owns
-    the session), Conflict (public name, another session's live row), NotFound
-    (an agent's LLM or project does not exist).
+    the session), Conflict (public name, another session's live row, or a
+    concurrent registration that took a new name or the new session id
+    first), NotFound (an agent's LLM or project does not exist).
     """
     session_id = session_id or new_id()
-    publisher = session.get(PublisherSession, session_id)
-    if publisher is None:
-        session.add(PublisherSession(id=session_id, owner=caller.id, last_heartbeat_at=now))
-    elif publisher.owner != caller.id:
-        raise Forbidden(f"Session '{session_id}' belongs to another token",
-                        code="foreign_session")
-    else:
-        publisher.last_heartbeat_at = now
+    with rows.conflict_on_race(RACED, "registration_conflict"):
+        _lock_published(session, agents, llms)
+        publisher = session.get(PublisherSession, session_id, with_for_update=True)
+        if publisher is None:
+            session.add(PublisherSession(id=session_id, owner=caller.id,
+                                         last_heartbeat_at=now))
+        elif publisher.owner != caller.id:
+            raise Forbidden(f"Session '{session_id}' belongs to another token",
+                            code="foreign_session")
+        else:
+            publisher.last_heartbeat_at = now
 
-    llm_rows = []
-    for spec in llms:
-        spec = dict(spec)
-        status = spec.pop("initial_status", Status.ACTIVE)
-        llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
-    session.flush()  # the agents below may pin the LLMs just inserted
+        llm_rows = []
+        for spec in llms:
+            spec = dict(spec)
+            status = spec.pop("initial_status", Status.ACTIVE)
+            llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
+        session.flush()  # the agents below may pin the LLMs just inserted
 
-    agent_rows = []
-    for spec in agents:
-        spec = dict(spec)
-        spec["llm_id"] = _agent_llm_id(session, caller, session_id, spec)
-        if "project" in spec:
-            project = spec.pop("project")
-            spec["project_id"] = project and _id_by_name(session, Project, project)
-        row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now, caller)
-        row.owner = row.owner or caller.id
-        agent_rows.append(row)
-    session.flush()
+        agent_rows = []
+        for spec in agents:
+            spec = dict(spec)
+            spec["llm_id"] = _agent_llm_id(session, caller, session_id, spec)
+            if "project" in spec:
+                project = spec.pop("project")
+                spec["project_id"] = project and _id_by_name(session, Project, project)
+            row = _upsert(session, Agent, spec, session_id, Status.ACTIVE, now, caller)
+            row.owner = row.owner or caller.id
+            agent_rows.append(row)
+        session.flush()
     log.info("registered session %s: %d LLMs, %d agents", session_id, len(llm_rows),
              len(agent_rows))
     return session_id, llm_rows, agent_rows
+
+
+def _lock_published(session, agents, llms) -> None:
+    """Lock the existing rows a register will write, in the lock order (agents,
+    LLMs; the session comes next), each table's rows by id. A row inserted
+    meanwhile under one of the names is a unique violation at the flush.
+    (On SQLite a plain read: its single writer already serializes.)"""
+    for model, specs in ((Agent, agents), (Llm, llms)):
+        names = [spec["name"] for spec in specs]
+        if names:
+            session.execute(_locking(model, model.name.in_(names)))
+
+
+def _locking(model, condition):
+    """SELECT the ids of `model`'s rows matching `condition`, locking them by id."""
+    return (sa.select(model.id).where(condition).order_by(model.id).correlate(None)
+            .with_for_update())
+
+
+def _in_lock_order(model, condition):
+    """`condition` for an UPDATE of `model` that takes its row locks by id."""
+    return model.id.in_(_locking(model, condition))
 
 
 def owned_session(session, caller, session_id) -> PublisherSession:
@@ -78,16 +118,17 @@ def owned_session(session, caller, session_id) -> PublisherSession:
 
 
 def heartbeat(session, caller, session_id, now) -> int:
-    """Bump every row of the session and revive inactive ones; returns how many
-    rows it owns. Raises NotFound when the session, or every row it had, is
-    gone (the publisher then registers again), Forbidden."""
+    """Bump every row of the session (agents, then LLMs, then the session
+    itself: the lock order) and revive inactive ones; returns how many rows
+    it owns. Raises NotFound when the session, or every row it had, is gone
+    (the publisher then registers again), Forbidden."""
     publisher = owned_session(session, caller, session_id)
-    publisher.last_heartbeat_at = now
     owned = 0
     for model in PUBLISHED:
         owned += session.execute(
             sa.update(model)
-            .where(model.provider_session_id == session_id, model.kind == Kind.VIRTUAL)
+            .where(_in_lock_order(model, sa.and_(model.provider_session_id == session_id,
+                                                 model.kind == Kind.VIRTUAL)))
             .values(last_heartbeat_at=now,
                     status=sa.case((model.status == Status.INACTIVE, Status.ACTIVE),
                                    else_=model.status),
@@ -96,12 +137,14 @@ def heartbeat(session, caller, session_id, now) -> int:
     if owned == 0:
         raise NotFound(f"Session '{session_id}' has no rows left; register again",
                        code="session_not_found")
+    publisher.last_heartbeat_at = now  # flushed last, at the commit
     return owned
 
 
 def disconnect(session, caller, session_id, now) -> int:
-    """Flip the session's rows inactive at once; returns how many changed.
-    The caller then fails the session's in-flight tasks on the bus."""
+    """Flip the session's rows inactive at once (agents, then LLMs: the lock
+    order); returns how many changed. The caller then fails the session's
+    in-flight tasks on the bus."""
     owned_session(session, caller, session_id)
     return sum(mark_inactive(session, model, now, model.provider_session_id == session_id)
                for model in PUBLISHED)
@@ -109,10 +152,12 @@ def disconnect(session, caller, session_id, now) -> int:
 
 def mark_inactive(session, model, now, condition) -> int:
     """Set-based: every virtual, not yet inactive row of `model` matching
-    `condition` goes inactive as of `now`. Returns how many did."""
+    `condition` goes inactive as of `now` (locked in the lock order). Returns
+    how many did."""
     return session.execute(
         sa.update(model)
-        .where(model.kind == Kind.VIRTUAL, model.status != Status.INACTIVE, condition)
+        .where(_in_lock_order(model, sa.and_(model.kind == Kind.VIRTUAL,
+                                             model.status != Status.INACTIVE, condition)))
         .values(status=Status.INACTIVE, inactive_since=now)
         .execution_options(synchronize_session=False)).rowcount
 

@@ -4,10 +4,13 @@ a unique-name violation into a 409, and optimistic concurrency on `version`.
 A flush that fails leaves the session to be rolled back by whoever owns the
 transaction: the view (or CLI command), or the app context's teardown when the
 error is raised through it."""
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
+from services import database
 from services.errors import Conflict, NotFound
 
 
@@ -20,17 +23,26 @@ def get_by_name(session, model, name: str, label: str):
     return row
 
 
-def database_busy(exc) -> bool:
-    """An OperationalError saying another connection held SQLite's write lock
-    past the busy timeout."""
-    return "database is locked" in str(getattr(exc, "orig", exc))
-
-
 def flush_or_conflict(session, message: str, code: str = "name_taken") -> None:
-    """Flush; a unique-constraint violation becomes a Conflict."""
-    try:
+    """Flush; a unique or foreign key violation (the row another transaction
+    inserted, or still references) becomes a Conflict. Other constraint
+    failures are bugs, and go on."""
+    with conflict_on_race(message, code):
         session.flush()
-    except IntegrityError:
+
+
+@contextmanager
+def conflict_on_race(message: str, code: str):
+    """Within the block, losing a race to another transaction is a Conflict:
+    a unique or foreign key violation when the block flushes (explicitly or
+    by autoflush), or a versioned row another transaction changed first."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if database.is_unique_violation(exc) or database.is_foreign_key_violation(exc):
+            raise Conflict(message, code=code) from None
+        raise
+    except StaleDataError:
         raise Conflict(message, code=code) from None
 
 

@@ -8,6 +8,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from models import ApiToken, Role
+from services import rows
 from services.errors import Conflict, NotFound, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,15 @@ def hash_token(raw: str) -> str:
 def create_token(session, name: str, role: str) -> str:
     """Store a new token and return it; the plaintext exists only in the return value.
 
-    Raises Conflict when the name is taken.
+    Raises Conflict when the name is taken, also by a concurrent create
+    whose row the unique index saw first.
     """
+    taken = f"Token name '{name}' is taken"
     if session.scalar(sa.select(ApiToken.id).where(ApiToken.name == name)):
-        raise Conflict(f"Token name '{name}' is taken", code="name_taken")
+        raise Conflict(taken, code="name_taken")
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiToken(name=name, role=Role(role), token_hash=hash_token(raw)))
-    session.flush()
+    rows.flush_or_conflict(session, taken)
     log.info("created %s token %s", role, name)
     return raw
 

@@ -1,9 +1,8 @@
 """Chat with a public agent: context, params, history, failures, streams,
 tool calls, thread privacy, and agents through /v1. The upstream is faked
-with `responses`; the database is a real SQLite file."""
+with `responses`; the database is the test stack's (SQLite or PostgreSQL)."""
 import io
 import json
-import sqlite3
 
 import pytest
 import requests
@@ -12,7 +11,9 @@ import sqlalchemy as sa
 from gevent import GreenletExit
 
 from extensions import db
+from services import database
 from services import tokens as token_service
+from tests.support.database import WriteLock, other_connection
 
 API = "/api/v1"
 UPSTREAM = "http://upstream.test/v1/chat/completions"
@@ -185,10 +186,9 @@ def test_user_message_is_committed_before_inference_and_no_connection_is_held(
     seen = {}
 
     def answer(request):
-        path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
-        with sqlite3.connect(path) as other:  # another connection sees only committed rows
-            seen["rows"] = other.execute(
-                "SELECT role, content, status FROM chat_message ORDER BY turn_index").fetchall()
+        with other_connection(app) as other:  # another connection sees only committed rows
+            seen["rows"] = [tuple(row) for row in other.execute(sa.text(
+                "SELECT role, content, status FROM chat_message ORDER BY turn_index"))]
         with app.app_context():
             seen["checked_out"] = db.engine.pool.checkedout()
         return 200, {}, json.dumps(completion("ok"))
@@ -248,31 +248,17 @@ def test_a_failed_turn_in_a_thread_is_skipped_by_the_next_turn(agent, chat, upst
 
 # -- storing the answer while another process holds the database -----------------
 
-BUSY = pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2}])
-
-
-class WriteLock:
-    """SQLite's write lock, held from another connection as a cron gc-sweep does."""
-
-    def __init__(self, app):
-        path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
-        # An upstream callback may take it on the thread that opens a stream.
-        self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-
-    def take(self):
-        self.connection.execute("BEGIN IMMEDIATE")
-
-    def release(self):
-        if self.connection.in_transaction:
-            self.connection.execute("ROLLBACK")
+BUSY = pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2,
+                                                "DATABASE_LOCK_TIMEOUT": 0.2}])
 
 
 @pytest.fixture
 def write_lock(app):
+    """The database's write lock from another connection, as a cron gc-sweep
+    holds SQLite's (on PostgreSQL: every table locked against writes)."""
     lock = WriteLock(app)
     yield lock
-    lock.release()
-    lock.connection.close()
+    lock.close()
 
 
 def answer_while_locked(lock, reply):
@@ -288,8 +274,8 @@ def test_an_answer_is_stored_once_the_busy_database_frees_up(app, agent, chat, u
                                                             messages, write_lock):
     busy = []
 
-    def release_on_busy(context):  # the first attempt waited out the busy timeout
-        if "database is locked" in str(context.original_exception):
+    def release_on_busy(context):  # the first attempt waited out the lock timeout
+        if database.is_busy(context.original_exception):
             busy.append(context.original_exception)
             write_lock.release()
 
@@ -335,9 +321,9 @@ def test_a_streamed_answer_the_busy_database_never_takes_ends_with_an_error_not_
 def test_an_answer_whose_message_was_settled_meanwhile_is_returned_marked_unsaved(
         app, agent, chat, upstream, messages):
     def settle_then_answer(request):  # as the sweep does with a long-pending message
-        path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
-        with sqlite3.connect(path) as other:
-            other.execute("UPDATE chat_message SET status = 'error' WHERE status = 'pending'")
+        with other_connection(app) as other:
+            other.execute(sa.text(
+                "UPDATE chat_message SET status = 'error' WHERE status = 'pending'"))
         return 200, {}, json.dumps(completion("too late"))
 
     upstream.add_callback(responses.POST, UPSTREAM, callback=settle_then_answer)

@@ -14,7 +14,6 @@ process for the many-publishers test), loopback only, every wait bounded.
 """
 import json
 import logging
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -169,7 +168,8 @@ def test_twenty_publishers_come_back_after_a_server_restart_not_in_lockstep(serv
         assert time.monotonic() - back < 60
         reconnects = [r.created for r in caplog.records if "reconnected" in r.getMessage()]
         assert len(reconnects) >= 20
-        assert statistics.pstdev(reconnects[:20]) > 0.05  # jittered, not one thundering herd
+        first = sorted(reconnects)[:20]
+        assert first[-1] - first[0] > 0.1  # jittered retries, not one herd in lockstep
     finally:
         for publisher in publishers:
             publisher.stop()

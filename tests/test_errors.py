@@ -8,6 +8,7 @@ import responses
 import sqlalchemy as sa
 
 from extensions import db
+from tests.support.database import WriteLock
 
 MAX_BODY = 4096
 SECRET = "sk-very-secret-upstream-key"
@@ -107,9 +108,15 @@ def test_a_500_never_echoes_the_exception_text(app, client, caplog):
 
 
 def break_llm_inserts(app):
-    """Make every INSERT into `llm` fail inside SQLite with an OperationalError
-    whose statement carries the row's parameters (the api key among them)."""
+    """Make every INSERT into `llm` with an api key fail inside the database:
+    on PostgreSQL a CHECK whose error quotes the whole row, the key among it
+    (`DETAIL: Failing row contains (...)`); on SQLite a trigger writing to a
+    table that is gone (an OperationalError whose statement carries the
+    row's parameters)."""
     with app.app_context(), db.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE llm ADD CONSTRAINT doomed CHECK (api_key IS NULL)"))
+            return
         conn.execute(sa.text("CREATE TABLE doomed (x)"))
         conn.execute(sa.text("CREATE TRIGGER llm_insert_fails AFTER INSERT ON llm "
                              "BEGIN INSERT INTO doomed VALUES (NEW.api_key); END"))
@@ -122,9 +129,11 @@ def test_a_database_failure_logs_neither_the_key_nor_answers_with_it(app, client
     with caplog.at_level(logging.DEBUG):
         response = client.post("/api/v1/llms", headers=auth("admin"), json={
             "name": "gpt-x", "model": "m", "url": UPSTREAM, "api_key": SECRET})
-    envelope_of(response, 500)
-    assert "OperationalError" in caplog.text  # the failure was logged ...
-    assert SECRET not in caplog.text          # ... without the statement's parameters
+    error = envelope_of(response, 500)
+    assert error["message"] == "Internal server error"
+    assert "unhandled database error" in caplog.text  # the failure was logged ...
+    assert "INSERT INTO llm" in caplog.text          # ... with its statement ...
+    assert SECRET not in caplog.text                 # ... but not the row's values
     assert SECRET.encode() not in response.data
 
 
@@ -171,20 +180,16 @@ def test_the_key_is_not_in_an_llms_repr(app, client, auth):
         assert app.extensions["api_key_cipher"].decrypt(llm.api_key, "gpt-x") == SECRET
 
 
-@pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2}])
+@pytest.mark.parametrize("app_config", [{"SQLITE_BUSY_TIMEOUT": 0.2,
+                                         "DATABASE_LOCK_TIMEOUT": 0.2}])
 def test_write_blocked_by_another_process_lock_is_503_with_retry_after(app, client, auth):
-    import sqlite3
-
-    path = app.config["SQLALCHEMY_DATABASE_URI"].removeprefix("sqlite:///")
     client.get("/api/v1/llms", headers=auth("admin"))  # the token's last_used_at is written
-    holder = sqlite3.connect(path)
-    holder.execute("BEGIN IMMEDIATE")  # what a gc-sweep from cron holds while it runs
+    holder = WriteLock(app)
+    holder.take()  # what a gc-sweep from cron holds on SQLite while it runs
     try:
         response = client.post("/api/v1/llms", headers=auth("admin"), json={
             "name": "blocked", "model": "m", "url": "http://127.0.0.1:9/v1"})
     finally:
-        holder.rollback()
         holder.close()
-    assert response.status_code == 503
+    assert envelope_of(response, 503)["code"] == "database_busy"
     assert response.headers["Retry-After"] == "1"
-    assert response.json["error"]["code"] == "database_busy"

@@ -1,7 +1,7 @@
 """Encrypt the API keys of LLMs at rest (Fernet, SWITCHBOARD_SECRET_KEY)
 
 Revision ID: 7c2d4e6f8a10
-Revises: 3f6c2b9d1e47
+Revises: 5b1e0c7a9d21
 Create Date: 2026-12-01 21:00:00.000000
 
 The key is the running configuration's (settings.py: SWITCHBOARD_SECRET_KEY,
@@ -18,7 +18,7 @@ from flask import current_app
 
 # revision identifiers, used by Alembic.
 revision = '7c2d4e6f8a10'
-down_revision = '3f6c2b9d1e47'
+down_revision = '5b1e0c7a9d21'
 branch_labels = None
 depends_on = None
 
