@@ -44,7 +44,7 @@ DEFAULTS = {
     # (`database_busy` / `database_unavailable`) with Retry-After. Connections
     # per worker process: greenlets hold one only between their first query
     # and their commit, never while they wait on the bus or an upstream.
-    "DATABASE_POOL_SIZE": 10,
+    "DATABASE_POOL_SIZE": 20,
     "DATABASE_MAX_OVERFLOW": 10,
     # How long a request waits for a pooled connection when all are in use
     # (whole seconds, rounded up).
