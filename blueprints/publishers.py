@@ -65,10 +65,12 @@ def disconnect(session_id):
 @require("publisher")
 def post_result(task_id):
     outcome = json_body(schemas.result)
-    task = lifecycle.owned_task(bus(), caller(), task_id)
-    lifecycle.apply_outcome(db.session, task, outcome, utcnow())
-    db.session.commit()  # commit, then notify: woken requests must find the row active
-    bus().complete(task_id, outcome, owner=lifecycle.task_owner(caller()))
+    owner = lifecycle.task_owner(caller())
+    waking = bus().complete(task_id, outcome, owner=owner, unless_kind="wake")
+    if waking is not None:  # commit, then notify: woken requests must find the row active
+        lifecycle.apply_outcome(db.session, waking, outcome, utcnow())
+        db.session.commit()
+        bus().complete(task_id, outcome, owner=owner)
     return {"accepted": True}
 
 

@@ -162,13 +162,6 @@ def mark_inactive(session, model, now, condition) -> int:
         .execution_options(synchronize_session=False)).rowcount
 
 
-def owned_task(bus, caller, task_id) -> dict:
-    """The bus's `{task_id, session_id, owner, kind, llm}` for a task of one of
-    the caller's sessions. Raises NotFound, Conflict (completed), Gone
-    (cancelled or expired), Forbidden. No database read."""
-    return bus.task_info(task_id, owner=task_owner(caller))
-
-
 def task_owner(caller) -> str | None:
     """The owner a caller's task posts must match: its token (an admin: any)."""
     return None if caller.is_admin else caller.id

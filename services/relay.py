@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from jsonio import dumps
 from models import Kind, Status
+from services.bus.base import publisher_offline
 from services.errors import BadGateway, ClientGone, ServiceError, Unavailable, envelope
 from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Target, sse_event
 from services.upstream import Upstream
@@ -91,17 +92,20 @@ class Relay:
         return reply
 
     def _check_available(self, target):
+        """Inactive rows, and rows without a session, are 503 at once (a
+        session that is not live is refused by the bus, in the same step as
+        the task is queued)."""
         if target.status == Status.INACTIVE:
             raise Unavailable(f"Virtual LLM '{target.name}' is inactive; publisher offline",
                               code="publisher_offline")
-        if not target.session_id or not self.bus.is_live(target.session_id):
-            raise Unavailable(f"Virtual LLM '{target.name}' has no live publisher session",
-                              code="publisher_offline")
+        if not target.session_id:
+            raise publisher_offline(target.name)
 
     def _task_args(self, target, timeout=None, share_key=None):
         return {"llm": target.name, "owner": target.owner, "limit": self.timeouts.max_pending,
                 "pickup_timeout": self.timeouts.pickup,
-                "timeout": timeout or self.timeouts.infer, "share_key": share_key}
+                "timeout": timeout or self.timeouts.infer, "share_key": share_key,
+                "require_live": True}
 
     def _wake(self, target, keepalive):
         """Wake the LLM (sharing an in-flight wake), yielding None every

@@ -511,3 +511,26 @@ def test_a_poll_whose_publisher_hung_up_stops_being_held(buses):
 
 def _held(bus, count) -> bool:
     return bus.stats()["polls"] == count
+
+
+def test_a_task_that_requires_a_live_session_is_refused_without_one(bus):
+    with pytest.raises(Unavailable) as err:
+        submit(bus, require_live=True)
+    assert err.value.code == "publisher_offline"
+    bus.touch(SID)  # it registered: live for SESSION_LIVENESS
+    task_id = submit(bus, require_live=True)
+    assert [t["task_id"] for t in bus.poll(SID, wait=0)] == [task_id]
+    bus.release(task_id)
+
+
+def test_an_infer_result_completes_at_once_but_a_wake_waits_for_its_caller(bus):
+    infer, wake = submit(bus), submit(bus, {"kind": "wake", "llm": "m"})
+    bus.poll(SID, wait=0)
+    assert bus.complete(infer, {"status": 200, "body": {}}, unless_kind="wake") is None
+    info = bus.complete(wake, {"status": 200, "body": {}}, unless_kind="wake")
+    assert (info["task_id"], info["kind"], info["llm"]) == (wake, "wake", "m")
+    assert bus.wait_result(wake, poll_interval=0.1) is None  # still open
+    bus.complete(wake, {"status": 200, "body": {}})
+    assert bus.wait_result(wake) == bus.wait_result(infer) == {"status": 200, "body": {}}
+    bus.release(infer)
+    bus.release(wake)

@@ -61,14 +61,16 @@ class TaskBus(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, session_id: str, task: dict, *, llm: str, owner: str | None, limit: int,
-               pickup_timeout: float, timeout: float, share_key: str | None = None) -> str:
+               pickup_timeout: float, timeout: float, share_key: str | None = None,
+               require_live: bool = False) -> str:
         """Queue `task` (a dict with `kind`, no `task_id`) for the session and
         return its task id. `owner` is the token that owns the session: only it
         may answer the task. With `share_key`, a task with the same key still in
         flight is joined instead (its waiters share one outcome). `limit` caps
         the requests waiting on `llm` (slots included): past it, TooManyRequests.
-        The task expires unless picked up within `pickup_timeout` and finished
-        within `timeout` of pickup."""
+        With `require_live`, a session that is not live (`is_live`) is
+        Unavailable (`publisher_offline`). The task expires unless picked up
+        within `pickup_timeout` and finished within `timeout` of pickup."""
 
     @abc.abstractmethod
     def wait_result(self, task_id: str, poll_interval: float | None = None) -> dict | None:
@@ -134,9 +136,12 @@ class TaskBus(abc.ABC):
         (cancelled, expired, failed, or the client's worker is gone)."""
 
     @abc.abstractmethod
-    def complete(self, task_id: str, outcome: dict, owner: str | None = None) -> None:
-        """Post the outcome (`{status, body}` or `{error}`). Raises like
-        `task_info`."""
+    def complete(self, task_id: str, outcome: dict, owner: str | None = None,
+                 unless_kind: str | None = None) -> dict | None:
+        """Post the outcome (`{status, body}` or `{error}`) and return None.
+        With `unless_kind`, a task of that kind is left open and its
+        `task_info` returned instead: the caller does what must come first (a
+        wake's row goes active), then completes it. Raises like `task_info`."""
 
     @abc.abstractmethod
     def push_chunks(self, task_id: str, chunks: list[str], seq: int | None,
@@ -219,3 +224,8 @@ def publisher_disconnected(llm: str, reason: str) -> dict:
 def stream_idle(llm: str, idle_timeout: float) -> dict:
     return GatewayTimeout(f"No stream data from the publisher of LLM '{llm}' for "
                           f"{idle_timeout:g} s", code="stream_idle_timeout").to_data()
+
+
+def publisher_offline(llm: str) -> Unavailable:
+    return Unavailable(f"Virtual LLM '{llm}' has no live publisher session",
+                       code="publisher_offline")

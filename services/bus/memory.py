@@ -102,13 +102,17 @@ class MemoryTaskBus(TaskBus):
     # -- client side -------------------------------------------------------
 
     def submit(self, session_id, task, *, llm, owner, limit, pickup_timeout, timeout,
-               share_key=None):
+               share_key=None, require_live=False):
         from models import new_id
 
         with self._lock:
+            now = self.clock()
+            if require_live:
+                session = self._sessions.get(session_id)
+                if session is None or not self._live(session, now):
+                    raise base.publisher_offline(llm)
             if self._pending[llm] >= limit:
                 raise too_many_pending(llm, limit)
-            now = self.clock()
             shared = self._tasks.get(self._shared.get(share_key)) if share_key else None
             if shared is not None:
                 self._advance(shared, now)
@@ -247,12 +251,15 @@ class MemoryTaskBus(TaskBus):
         with self._lock:
             return self._find_open(task_id, owner).info()
 
-    def complete(self, task_id, outcome, owner=None):
+    def complete(self, task_id, outcome, owner=None, unless_kind=None):
         with self._lock:
             t = self._find_open(task_id, owner)
             self._signed(t)
+            if t.kind == unless_kind:
+                return t.info()
             t.outcome = outcome
             self._finish(t, TaskState.DONE, None)
+            return None
 
     def push_chunks(self, task_id, chunks, seq, done, owner=None):
         with self._lock:

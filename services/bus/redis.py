@@ -37,7 +37,8 @@ import redis
 from jsonio import dumps, loads
 from models import new_id
 from services.bus.base import (CONNECTION_CHECK_INTERVAL, MAX_TASKS_PER_POLL, TOMBSTONE_TTL,
-                               Delivery, TaskBus, too_many_pending, too_many_polls)
+                               Delivery, TaskBus, publisher_offline, too_many_pending,
+                               too_many_polls)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services.bus.waiters import Waiters
 from services.errors import BadGateway, GatewayTimeout, Unavailable, bus_unavailable, from_data
@@ -68,6 +69,20 @@ _KEEPALIVE = {option: value for option, value in (
     (getattr(socket, "TCP_KEEPCNT", None), 3)) if option is not None}
 
 
+@dataclass(slots=True)
+class _Hold:
+    """A request of this process waiting on a task: its lease, and the event
+    it listens on (registered before the task existed). `fresh_until`: the
+    task was created here and not read yet; its first wait can sleep until
+    then (when time first moves it, as the submit saw) or a notification,
+    without a read."""
+
+    lease: str
+    llm: str
+    changed: threading.Event
+    fresh_until: float | None
+
+
 @dataclass(frozen=True, slots=True)
 class _View:
     """What a waiting client reads of its task."""
@@ -80,6 +95,11 @@ class _View:
     wake_at: float  # when time next moves the task (a deadline, an ack overdue, ...)
     activity: float
     chunks: list[str]
+
+    @classmethod
+    def queued(cls, wake_at: float) -> "_View":
+        return cls(state=TaskState.QUEUED, llm="", stream_done=False, outcome=None, error=None,
+                   wake_at=wake_at, activity=0.0, chunks=[])
 
 
 class RedisTaskBus(TaskBus):
@@ -102,7 +122,7 @@ class RedisTaskBus(TaskBus):
             "MAX_POLLS": delivery.max_polls})
         self._waiters = Waiters()
         self._lock = threading.Lock()
-        self._leases: dict[str, list[tuple[str, str]]] = {}  # task -> [(lease, llm)] held here
+        self._holds: dict[str, list[_Hold]] = {}             # task -> this process's requests
         self._leased_llms = collections.Counter()            # llm -> leases held here
         self._polls = collections.Counter()                  # session -> polls held here
         self._unreleased = collections.deque(maxlen=MAX_RETRIED_RELEASES)
@@ -137,75 +157,93 @@ class RedisTaskBus(TaskBus):
     # -- client side -------------------------------------------------------
 
     def submit(self, session_id, task, *, llm, owner, limit, pickup_timeout, timeout,
-               share_key=None):
+               share_key=None, require_live=False):
         task_id, lease = new_id(), new_id()
         payload = dumps({"task_id": task_id, **task}).decode()
+        # Listen before the task exists: no notification of it can be missed, so
+        # its first wait need not look first (see _Hold.fresh_until).
+        changed = self._waiters.add("t:" + task_id)
         try:
             reply = self._run("submit", session_id, task_id, lease, llm, owner or "", limit,
                               pickup_timeout, timeout, share_key or "", task["kind"],
-                              _flag(task.get("streaming")), payload)
+                              _flag(task.get("streaming")), payload, _flag(require_live))
         except Unavailable:
+            self._waiters.discard("t:" + task_id, changed)
             self._retry_later("release", task_id, lease, llm)  # it may have run
             raise
-        if reply[0] == "full":
+        if reply[0] != "ok":
+            self._waiters.discard("t:" + task_id, changed)
+            if reply[0] == "offline":
+                raise publisher_offline(llm)
             raise too_many_pending(llm, limit)
-        task_id = reply[1]
+        fresh_until = float(reply[2]) if len(reply) > 2 else None
+        if reply[1] != task_id:  # joined a shared task: it may have moved already
+            self._waiters.discard("t:" + task_id, changed)
+            task_id, fresh_until = reply[1], None
+            changed = self._waiters.add("t:" + task_id)
         with self._lock:
-            self._leases.setdefault(task_id, []).append((lease, llm))
+            self._holds.setdefault(task_id, []).append(_Hold(lease, llm, changed, fresh_until))
             self._leased_llms[llm] += 1
         return task_id
 
     def wait_result(self, task_id, poll_interval=None):
         end = None if poll_interval is None else self.clock() + poll_interval
-        with self._waiters.waiting("t:" + task_id) as changed:
-            while True:
+        changed, fresh_until = self._listen_to(task_id)
+        while True:
+            if fresh_until is not None:  # just queued here: nothing to read yet
+                view, fresh_until = _View.queued(fresh_until), None
+            else:
                 changed.clear()
                 view = self._observe(task_id)
-                if view.state == TaskState.DONE:
-                    if view.outcome is None:  # chunks cannot finish a non-stream; never loop
-                        raise BadGateway(f"The publisher of LLM '{view.llm}' sent no result",
-                                         code="publisher_error")
-                    return view.outcome
-                if view.state in FINAL:
-                    raise from_data(view.error)
-                now = self.clock()
-                wake_at = view.wake_at
-                if end is not None:
-                    if now >= end:
-                        return None
-                    wake_at = min(wake_at, end)
-                changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
+            if view.state == TaskState.DONE:
+                if view.outcome is None:  # chunks cannot finish a non-stream; never loop
+                    raise BadGateway(f"The publisher of LLM '{view.llm}' sent no result",
+                                     code="publisher_error")
+                return view.outcome
+            if view.state in FINAL:
+                raise from_data(view.error)
+            now = self.clock()
+            wake_at = view.wake_at
+            if end is not None:
+                if now >= end:
+                    return None
+                wake_at = min(wake_at, end)
+            changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
 
     def next_chunks(self, task_id, idle_timeout, poll_interval):
         end = self.clock() + poll_interval
-        with self._waiters.waiting("t:" + task_id) as changed:
-            while True:
+        changed, fresh_until = self._listen_to(task_id)
+        while True:
+            if fresh_until is not None:
+                view, fresh_until = _View.queued(fresh_until), None
+            else:
                 changed.clear()
                 view = self._observe(task_id, idle_timeout, read_chunks=True)
-                if view.chunks or view.stream_done:
-                    return view.chunks, view.stream_done, None
-                if view.state == TaskState.DONE:
-                    return [], True, view.outcome
-                if view.state in FINAL:
-                    raise from_data(view.error)
-                now = self.clock()
-                if now >= end:
-                    return [], False, None
-                wake_at = min(end, view.wake_at)
-                if view.state == TaskState.PICKED:
-                    wake_at = min(wake_at, view.activity + idle_timeout)
-                changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
+            if view.chunks or view.stream_done:
+                return view.chunks, view.stream_done, None
+            if view.state == TaskState.DONE:
+                return [], True, view.outcome
+            if view.state in FINAL:
+                raise from_data(view.error)
+            now = self.clock()
+            if now >= end:
+                return [], False, None
+            wake_at = min(end, view.wake_at)
+            if view.state == TaskState.PICKED:
+                wake_at = min(wake_at, view.activity + idle_timeout)
+            changed.wait(max(0.0, wake_at - now) + CLOCK_SLACK)
 
     def release(self, task_id):
         with self._lock:
-            held = self._leases.get(task_id)
-            if not held:
+            holds = self._holds.get(task_id)
+            if not holds:
                 return
-            lease, llm = held.pop()
-            if not held:
-                del self._leases[task_id]
-            self._unlease(llm)
-        self._run_or_retry("release", task_id, lease, llm)
+            hold = holds.pop()
+            if not holds:
+                del self._holds[task_id]
+            self._unlease(hold.llm)
+        self._waiters.discard("t:" + task_id, hold.changed)
+        self._run_or_retry("release", task_id, hold.lease, hold.llm)
 
     def acquire_slot(self, llm, limit):
         lease = new_id()
@@ -272,8 +310,14 @@ class RedisTaskBus(TaskBus):
         return {"task_id": task_id, "session_id": session_id, "owner": task_owner or None,
                 "kind": kind, "llm": llm}
 
-    def complete(self, task_id, outcome, owner=None):
-        self._answer(self._run("complete", task_id, owner or "", dumps(outcome).decode()))
+    def complete(self, task_id, outcome, owner=None, unless_kind=None):
+        reply = self._answer(self._run("complete", task_id, owner or "",
+                                       dumps(outcome).decode(), unless_kind or ""))
+        if reply[0] != "left":
+            return None
+        _, session_id, task_owner, kind, llm = reply
+        return {"task_id": task_id, "session_id": session_id, "owner": task_owner or None,
+                "kind": kind, "llm": llm}
 
     def push_chunks(self, task_id, chunks, seq, done, owner=None):
         self._answer(self._run("push_chunks", task_id, owner or "", "" if seq is None else seq,
@@ -314,7 +358,7 @@ class RedisTaskBus(TaskBus):
 
     def stats(self):
         with self._lock:
-            return {"tasks": len(self._leases), "shared": 0,
+            return {"tasks": len(self._holds), "shared": 0,
                     "pending": sum(self._leased_llms.values()),
                     "polls": sum(self._polls.values()), "waiters": len(self._waiters),
                     "queued": self._queued()}
@@ -375,6 +419,14 @@ class RedisTaskBus(TaskBus):
                      error=loads(error) if error else None,
                      wake_at=float(wake_at) if wake_at else 0.0,
                      activity=float(activity) if activity else 0.0, chunks=chunks)
+
+    def _listen_to(self, task_id):
+        """(the event this process's request listens on, fresh_until) for a
+        task it submitted; a first wait takes the fresh mark."""
+        with self._lock:
+            hold = self._holds[task_id][0]
+            fresh_until, hold.fresh_until = hold.fresh_until, None
+        return hold.changed, fresh_until
 
     def _channel(self) -> str:
         return f"{self.prefix}w:{self.worker_id}"

@@ -17,14 +17,23 @@ class Waiters:
     @contextlib.contextmanager
     def waiting(self, key: str):
         """An event set by every `notify(key)` while the block runs."""
-        event = threading.Event()
-        with self._lock:
-            self._events.setdefault(key, set()).add(event)
+        event = self.add(key)
         try:
             yield event
         finally:
-            with self._lock:
-                events = self._events[key]
+            self.discard(key, event)
+
+    def add(self, key: str) -> threading.Event:
+        """A new event set by every `notify(key)` until `discard`."""
+        event = threading.Event()
+        with self._lock:
+            self._events.setdefault(key, set()).add(event)
+        return event
+
+    def discard(self, key: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._events.get(key)
+            if events is not None:
                 events.discard(event)
                 if not events:
                     del self._events[key]

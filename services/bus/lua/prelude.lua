@@ -103,6 +103,14 @@ local function polls_held(sid)
   return (live_leases(P .. 'ph:' .. sid))
 end
 
+-- Live: a poll held (on a live worker), or one ended (or the session
+-- registered) less than SESSION_LIVENESS ago.
+local function session_live(sid)
+  if polls_held(sid) > 0 then return true end
+  local polled = redis.call('HGET', P .. 's:' .. sid, 'polled')
+  return polled ~= false and NOW - tonumber(polled) < LIVENESS
+end
+
 -- The session hash (polled, signed, acking) lives while the session may matter.
 local function session_set(sid, ...)
   redis.call('HSET', P .. 's:' .. sid, ...)

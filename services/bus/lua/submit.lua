@@ -1,9 +1,12 @@
 -- submit(session, task_id, lease, llm, owner, limit, pickup_timeout, timeout, share_key,
---        kind, streaming, payload) -> {'ok', task_id} | {'full'}
+--        kind, streaming, payload, require_live)
+--   -> {'ok', task_id[, wake_at]} | {'full'} | {'offline'}
 local sid, id, lease, llm, owner = ARG(1), ARG(2), ARG(3), ARG(4), ARG(5)
 local limit, pickup, timeout = tonumber(ARG(6)), tonumber(ARG(7)), tonumber(ARG(8))
 local share, kind, streaming, payload = ARG(9), ARG(10), ARG(11), ARG(12)
 local life = pickup + timeout + MARGIN
+
+if ARG(13) == '1' and not session_live(sid) then return {'offline'} end
 
 if not take_lease(P .. 'n:' .. llm, lease, limit, life) then return {'full'} end
 
@@ -35,4 +38,5 @@ extend(P .. 'st:' .. sid, life)
 redis.call('HSETNX', P .. 's:' .. sid, 'signed', NOW)
 extend(P .. 's:' .. sid, life)
 queue_push(sid, id, pickup + MARGIN)
-return {'ok', id}
+-- When time first moves the new task: its first wait sleeps until then.
+return {'ok', id, tostring(wake_at({state = 'queued', pickup_at = NOW + pickup, session = sid}))}
