@@ -534,3 +534,28 @@ def test_an_infer_result_completes_at_once_but_a_wake_waits_for_its_caller(bus):
     assert bus.wait_result(wake) == bus.wait_result(infer) == {"status": 200, "body": {}}
     bus.release(infer)
     bus.release(wake)
+
+
+def test_gauges_count_what_waits_what_runs_and_the_polls_held(buses):
+    bus = buses.make(delivery=QUICK)
+    assert bus.gauges() == {"tasks_waiting": {}, "tasks_in_flight": {}, "held_polls": 0,
+                            "live_sessions": 0, "redeliveries": 0}
+    picked = submit(bus)
+    bus.poll(SID, wait=0, ack=[])
+    queued = submit(bus)
+    other = bus.submit(SID, dict(INFER), llm="other", owner="tok", limit=5, pickup_timeout=5,
+                       timeout=5)
+    poller = threading.Thread(target=bus.poll, args=("session-2", 1.0))
+    poller.start()
+    wait_until(lambda: bus.gauges()["held_polls"] == 1, message="the poll is counted")
+    gauges = bus.gauges()
+    assert gauges["tasks_waiting"] == {"m": 1, "other": 1}
+    assert gauges["tasks_in_flight"] == {"m": 1}
+    assert gauges["live_sessions"] == 2
+    assert bus.wait_result(picked, poll_interval=0.8) is None  # not acknowledged: again
+    assert bus.gauges()["redeliveries"] == 1
+    poller.join()
+    for task_id in (picked, queued, other):
+        bus.release(task_id)
+    gauges = bus.gauges()
+    assert (gauges["tasks_waiting"], gauges["tasks_in_flight"]) == ({}, {})

@@ -173,6 +173,13 @@ class TaskBus(abc.ABC):
 
     # -- operations --------------------------------------------------------
 
+    @abc.abstractmethod
+    def gauges(self) -> dict:
+        """What the bus holds now, over every worker: `{tasks_waiting: {llm:
+        n}, tasks_in_flight: {llm: n}, held_polls, live_sessions,
+        redeliveries}` (tasks queued for a publisher; picked and unfinished;
+        polls held; live sessions; redeliveries so far, a counter)."""
+
     def ping(self) -> None:
         """Raise Unavailable when the bus cannot be reached (`/readyz`)."""
 

@@ -98,6 +98,7 @@ class MemoryTaskBus(TaskBus):
         self._pending: collections.Counter = collections.Counter()
         self._tombstones: collections.OrderedDict = collections.OrderedDict()
         self._last_prune = clock()
+        self._redeliveries = 0
 
     # -- client side -------------------------------------------------------
 
@@ -329,6 +330,21 @@ class MemoryTaskBus(TaskBus):
                 session.wakeup.set()
             return failed
 
+    def gauges(self):
+        with self._lock:
+            now = self.clock()
+            waiting, in_flight = collections.Counter(), collections.Counter()
+            for t in self._tasks.values():
+                if t.state == TaskState.QUEUED:
+                    waiting[t.llm] += 1
+                elif t.state == TaskState.PICKED:
+                    in_flight[t.llm] += 1
+            return {"tasks_waiting": dict(waiting), "tasks_in_flight": dict(in_flight),
+                    "held_polls": sum(s.polls_held for s in self._sessions.values()),
+                    "live_sessions": sum(1 for s in self._sessions.values()
+                                         if self._live(s, now)),
+                    "redeliveries": self._redeliveries}
+
     def stats(self):
         with self._lock:
             return {"tasks": len(self._tasks), "shared": len(self._shared),
@@ -448,6 +464,7 @@ class MemoryTaskBus(TaskBus):
         session.queue.appendleft(t.id)
         session.wakeup.set()
         t.changed.set()
+        self._redeliveries += 1
         log.info("task %s not acknowledged: delivering it again", t.id)
 
     def _finish(self, t, state, error):

@@ -273,7 +273,7 @@ class RedisTaskBus(TaskBus):
         with self._waiters.waiting("s:" + session_id) as changed:
             if connected is not None and not connected():
                 return []
-            reply = self._run("poll", *held, _flag(ack is not None), *(ack or ()))
+            reply = self._run("poll", *held, _flag(ack is not None), wait, *(ack or ()))
             if reply[0] == "full":
                 raise too_many_polls(session_id, self.delivery.max_polls)
             with self._lock:
@@ -293,7 +293,7 @@ class RedisTaskBus(TaskBus):
                     changed.clear()
                     if connected is not None and not connected():
                         return []
-                    reply = self._run("poll", *held, "0")
+                    reply = self._run("poll", *held, "0", wait)
             finally:
                 with self._lock:
                     self._polls[session_id] -= 1
@@ -336,6 +336,19 @@ class RedisTaskBus(TaskBus):
         return int(self._run("drop", session_id, reason, self.drop_memory))
 
     # -- operations --------------------------------------------------------
+
+    def gauges(self):
+        held, live, redeliveries, *per_llm = self._run("gauges")
+        waiting, in_flight = {}, {}
+        for i in range(0, len(per_llm), 3):
+            llm, queued, picked = per_llm[i], int(per_llm[i + 1]), int(per_llm[i + 2])
+            if queued:
+                waiting[llm] = queued
+            if picked:
+                in_flight[llm] = picked
+        return {"tasks_waiting": waiting, "tasks_in_flight": in_flight,
+                "held_polls": int(held), "live_sessions": int(live),
+                "redeliveries": int(redeliveries)}
 
     def ping(self):
         try:

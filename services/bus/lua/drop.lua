@@ -11,5 +11,8 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'st:' .. sid)) do
 end
 redis.call('SET', P .. 'x:' .. sid, NOW, 'PX', ms(memory))
 notify_session(sid)
+local held = redis.call('HKEYS', P .. 'ph:' .. sid)
+if #held > 0 then redis.call('ZREM', P .. 'g:polls', unpack(held)) end
+redis.call('ZREM', P .. 'g:live', sid)
 redis.call('DEL', P .. 'ph:' .. sid, P .. 's:' .. sid, P .. 'st:' .. sid, P .. 'q:' .. sid)
 return failed

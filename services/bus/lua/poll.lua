@@ -1,4 +1,4 @@
--- poll(session, max_tasks, started_at, lease, acks_given, ack...)
+-- poll(session, max_tasks, started_at, lease, acks_given, wait, ack...)
 --   -> {'dropped'} | {'full'} | {'ok', payload...}
 -- Holds the poll (its lease, at most MAX_POLLS per session), takes the acks,
 -- and hands over up to max_tasks queued tasks (picking them, counting the
@@ -11,10 +11,14 @@ local held = P .. 'ph:' .. sid
 if redis.call('HEXISTS', held, lease) == 0 then
   if not take_lease(held, lease, MAX_POLLS, WORKER_TTL + MARGIN) then return {'full'} end
   session_set(sid, 'signed', NOW)
+  local held_until = started + tonumber(ARG(6)) + LIVENESS  -- ARG(6): the poll's wait
+  redis.call('ZADD', P .. 'g:polls', held_until, lease)
+  redis.call('ZADD', P .. 'g:live', 'GT', held_until, sid)
+  for _, key in ipairs({'g:polls', 'g:live'}) do extend(P .. key, held_until - NOW + MARGIN) end
 end
 if acks_given then
   session_set(sid, 'acking', 1)
-  for i = 6, NARGS() do
+  for i = 7, NARGS() do
     local t = load(ARG(i))
     if t and t.session == sid and tonumber(t.attempt or 0) > 0 then
       if t.state == 'queued' then  -- queued again for want of this ack: take it back

@@ -15,6 +15,9 @@
 --   s:<session>    hash  polled (last poll ended), signed (last sign of life), acking
 --   ph:<session>   hash  lease -> worker: the polls held now
 --   x:<session>    string when the session was dropped (ends polls held at that moment)
+--   g:w:<llm>, g:f:<llm>  zset task -> deadline: waiting for a poll / picked, unfinished
+--   g:llms         set   the LLMs with such tasks; g:polls zset lease -> held until;
+--   g:live         zset  session -> live until; g:redeliveries: a counter (metrics)
 --   n:<llm>        hash  lease -> worker: requests waiting on or in flight at the LLM
 --   sh:<key>       string the task id a shared wake is joined to
 -- Channel w:<worker>: "t:<task>" (the task changed), "s:<session>" (its queue did).
@@ -126,6 +129,21 @@ local function lost(sid)
   return polls_held(sid) == 0 and NOW >= signed_at(sid) + LOST_TIMEOUT
 end
 
+-- The gauges (`gauges.lua`): a task counted as waiting or in flight at its LLM
+-- until its deadline, whatever becomes of its keys.
+local GAUGE_TTL = 86400
+local function gauge_move(t, from, to)
+  if from then redis.call('ZREM', P .. 'g:' .. from .. ':' .. t.llm, t.id) end
+  if to then
+    local key = P .. 'g:' .. to .. ':' .. t.llm
+    local deadline = tonumber(to == 'w' and t.pickup_at or t.finish_at)
+    redis.call('ZADD', key, deadline, t.id)
+    extend(key, deadline - NOW + MARGIN)
+    redis.call('SADD', P .. 'g:llms', t.llm)
+    extend(P .. 'g:llms', GAUGE_TTL)
+  end
+end
+
 local function queue_push(sid, item, ttl)
   redis.call('RPUSH', P .. 'q:' .. sid, item)
   extend(P .. 'q:' .. sid, ttl)
@@ -139,6 +157,7 @@ local function finish(t, state, error_json)
   if not moves or not moves[state] then return false end
   local key = P .. 't:' .. t.id
   local was = t.state
+  gauge_move(t, was == 'queued' and 'w' or 'f', nil)
   t.state = state
   redis.call('HSET', key, 'state', state)
   if error_json then redis.call('HSET', key, 'error', error_json) end
@@ -166,6 +185,7 @@ local function pick(t)
     end
   end
   redis.call('HSET', key, 'state', 'picked', 'finish_at', t.finish_at, 'activity', NOW)
+  gauge_move(t, 'w', 'f')
 end
 
 local function awaiting_ack(t)
@@ -178,6 +198,9 @@ local function requeue(t)
   t.state = 'queued'
   t.pickup_at = NOW + tonumber(t.pickup)
   redis.call('HSET', P .. 't:' .. t.id, 'state', 'queued', 'pickup_at', t.pickup_at)
+  gauge_move(t, 'f', 'w')
+  redis.call('INCR', P .. 'g:redeliveries')
+  redis.call('EXPIRE', P .. 'g:redeliveries', 30 * GAUGE_TTL)
   redis.call('LPUSH', P .. 'q:' .. t.session, t.id)
   extend(P .. 'q:' .. t.session, tonumber(t.pickup) + MARGIN)
   notify_session(t.session)

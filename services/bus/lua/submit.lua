@@ -38,5 +38,6 @@ extend(P .. 'st:' .. sid, life)
 redis.call('HSETNX', P .. 's:' .. sid, 'signed', NOW)
 extend(P .. 's:' .. sid, life)
 queue_push(sid, id, pickup + MARGIN)
+gauge_move({id = id, llm = llm, pickup_at = NOW + pickup}, nil, 'w')
 -- When time first moves the new task: its first wait sleeps until then.
 return {'ok', id, tostring(wake_at({state = 'queued', pickup_at = NOW + pickup, session = sid}))}
