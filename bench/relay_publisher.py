@@ -37,10 +37,12 @@ class RelayPublisher:
             self.session_id = (await response.json())["session_id"]
 
     async def poll_forever(self):
-        url = f"{self.api}/publishers/{self.session_id}/tasks?wait={POLL_WAIT}"
+        url = f"{self.api}/publishers/{self.session_id}/tasks?wait={POLL_WAIT}&ack="
+        acks = []  # what the last poll brought, acknowledged by the next (publisher_client's way)
         while True:
-            async with self.http.get(url, headers=self.headers) as response:
+            async with self.http.get(url + ",".join(acks), headers=self.headers) as response:
                 tasks = orjson.loads(await response.read())["tasks"]
+            acks = [task["task_id"] for task in tasks if task.get("kind") != "cancel"]
             for task in tasks:
                 job = asyncio.create_task(self.handle(task))
                 self.running.add(job)
