@@ -33,7 +33,6 @@ def register_extensions(app):
     from services import database
     from services.api_keys import ApiKeyCipher
     from services.bus import create_bus
-    from services.relay import Relay
     from services.schema import SchemaCheck
 
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
@@ -49,8 +48,7 @@ def register_extensions(app):
     register_cors(app)
     app.extensions["schema_check"] = SchemaCheck(os.path.join(app.root_path, "migrations"))
     app.extensions["api_key_cipher"] = ApiKeyCipher.from_config(app.config)
-    bus = app.extensions["task_bus"] = create_bus(app.config)
-    app.extensions["relay"] = Relay.from_config(app.config, bus)
+    app.extensions["task_bus"] = create_bus(app.config)
 
 
 def register_cors(app):

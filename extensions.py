@@ -21,3 +21,16 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 cors = CORS()
+
+
+def relay():
+    """The app's relay (services/relay.py), made on first use: `flask`
+    commands never need one, nor its HTTP stack."""
+    from flask import current_app
+
+    extensions = current_app.extensions
+    if "relay" not in extensions:
+        from services.relay import Relay
+
+        extensions["relay"] = Relay.from_config(current_app.config, extensions["task_bus"])
+    return extensions["relay"]

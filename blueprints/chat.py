@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from flask import Blueprint, Response, current_app, request
 
 from blueprints.common import caller, json_body, peer_connected, require
+import extensions
 from extensions import db
 from models import utcnow
 from schemas.agent import chat_request, thread_create
@@ -59,7 +60,7 @@ def chat_with_agent(name):
     turn = chat.start_turn(db.session, name, caller(), json_body(chat_request), utcnow())
     db.session.commit()
     db.session.close()  # hold no pooled connection while the relay waits
-    relay = current_app.extensions["relay"]
+    relay = extensions.relay()
     transaction = _transaction_factory(current_app._get_current_object())
     if turn.stream:
         events = chat.stream_turn(relay, turn, transaction, utcnow)

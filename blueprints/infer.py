@@ -1,8 +1,8 @@
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 from marshmallow import ValidationError
 
 from blueprints.common import json_body, peer_connected, require
-from extensions import db
+from extensions import db, relay
 from jsonio import dumps
 from schemas.inference import chat_completion
 from services import inference
@@ -29,7 +29,7 @@ def inference_body() -> dict:
 def run_inference(name: str, body: dict) -> Response:
     target = inference.resolve(db.session, name)
     db.session.close()  # hold no pooled connection while the relay waits
-    return to_response(current_app.extensions["relay"].infer(
+    return to_response(relay().infer(
         target, body, client_connected=peer_connected(request.environ)))
 
 

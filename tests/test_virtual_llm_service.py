@@ -14,6 +14,7 @@ import pytest
 import responses
 import sqlalchemy as sa
 
+import extensions
 from extensions import db
 from models import Llm, PublisherSession, utcnow
 from services import gc, inference, lifecycle
@@ -27,7 +28,7 @@ def bus(ctx):
 
 @pytest.fixture
 def relay(ctx):
-    return ctx.extensions["relay"]
+    return extensions.relay()
 
 
 @pytest.fixture
