@@ -52,6 +52,34 @@ class Delivery:
                    max_buffered_chunks=int(config["MAX_BUFFERED_CHUNKS"]))
 
 
+@dataclass(frozen=True)
+class Member:
+    """A row a queue may hand requests to: its name, its declared capacity
+    (None: no server-side cap, weighed as DEFAULT_WEIGHT when choosing) and,
+    for a virtual row, its publisher session (skipped while not live)."""
+
+    name: str
+    capacity: int | None = None
+    session_id: str | None = None
+
+
+DEFAULT_WEIGHT = 4  # a member without max_concurrency, when free capacity is compared
+
+
+@dataclass
+class Place:
+    """A request's place in a fair queue (`enter_queue`): `member` is set once
+    a member's capacity is granted to it; `position` (1: next) while it waits."""
+
+    queue: str
+    entry: str
+    token: str
+    timeout: float
+    deadline: float
+    member: str | None = None
+    position: int = 0
+
+
 class TaskBus(abc.ABC):
     """See the module docstring. Every wait takes a timeout; nothing waits forever.
     Any method may raise Unavailable (`bus_unavailable`) when the bus itself
@@ -112,6 +140,33 @@ class TaskBus(abc.ABC):
     @abc.abstractmethod
     def release_slot(self, slot: object) -> None:
         """Free a slot from `acquire_slot`. Never raises."""
+
+    # -- capacity and the fair queue (DESIGN.md, "Pools ...") --------------------
+
+    @abc.abstractmethod
+    def enter_queue(self, queue: str, token: str, members: list[Member], *, limit: int,
+                    per_token: int, timeout: float) -> Place:
+        """Ask for a turn on one of `members` (an LLM's queue, named after it,
+        or a pool's, `pool:<model>`). The turn is granted at once when nobody
+        waits and a live member has free capacity (the one with the most, in
+        proportion; ties in turn); else the request waits, served round-robin
+        across tokens and in arrival order within one. The place counts
+        against `limit` (requests waiting on or in flight at the queue) and
+        against `per_token` (this token's waiting requests): past either,
+        TooManyRequests. Always `leave_queue` it."""
+
+    @abc.abstractmethod
+    def wait_turn(self, place: Place, poll_interval: float) -> bool:
+        """Wait up to `poll_interval` for the turn: True once granted
+        (`place.member` is set), else False (`place.position` is fresh).
+        Raises Unavailable (`queue_timeout`, Retry-After) after the place's
+        `timeout`."""
+
+    @abc.abstractmethod
+    def leave_queue(self, place: Place) -> None:
+        """The request is done, or gives up its place: its queue entry, its
+        member's capacity and its count against the limit are free again,
+        and the next waiting request gets them. Never raises."""
 
     # -- publisher side ----------------------------------------------------
 
@@ -236,3 +291,19 @@ def stream_idle(llm: str, idle_timeout: float) -> dict:
 def publisher_offline(llm: str) -> Unavailable:
     return Unavailable(f"Virtual LLM '{llm}' has no live publisher session",
                        code="publisher_offline")
+
+
+def too_many_queued(queue: str, limit: int, token: bool) -> TooManyRequests:
+    what = "this token's requests" if token else "requests"
+    return TooManyRequests(f"Too many {what} waiting on {queue_label(queue)} (limit {limit}); "
+                           f"retry shortly", code="too_many_queued" if token
+                           else "too_many_pending", headers={"Retry-After": "1"})
+
+
+def queue_timeout(queue: str, waited: float) -> Unavailable:
+    return Unavailable(f"Waited {waited:g} s for a turn on {queue_label(queue)}; retry shortly",
+                       code="queue_timeout", headers={"Retry-After": "1"})
+
+
+def queue_label(queue: str) -> str:
+    return f"pool '{queue[5:]}'" if queue.startswith("pool:") else f"LLM '{queue}'"

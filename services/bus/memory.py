@@ -20,9 +20,10 @@ import threading
 import time
 
 from services.bus import base
-from services.bus.base import (CONNECTION_CHECK_INTERVAL, DONE_MARKER, MAX_TASKS_PER_POLL,
-                               TOMBSTONE_TTL, Delivery, TaskBus, too_many_pending,
-                               too_many_polls)
+from services.bus.base import (CONNECTION_CHECK_INTERVAL, DEFAULT_WEIGHT, DONE_MARKER,
+                               MAX_TASKS_PER_POLL, TOMBSTONE_TTL, Delivery, Place, TaskBus,
+                               queue_timeout, too_many_pending, too_many_polls,
+                               too_many_queued)
 from services.bus.states import FINAL, OPEN, TRANSITIONS, TaskState
 from services.errors import (BadGateway, Conflict, Forbidden, Gone, NotFound, TooManyRequests,
                              from_data)
@@ -37,7 +38,7 @@ class _Task:
     __slots__ = ("id", "session_id", "owner", "kind", "llm", "payload", "share_key", "state",
                  "outcome", "error", "chunks", "received", "stream_done", "changed", "waiters",
                  "pickup_timeout", "pickup_deadline", "timeout", "finish_deadline",
-                 "last_activity", "attempt", "delivered_at", "acked", "ack_required")
+                 "last_activity", "attempt", "delivered_at", "acked", "ack_required", "counted")
 
     def __init__(self, task_id, session_id, owner, payload, llm, share_key, pickup_timeout,
                  timeout, now):
@@ -56,6 +57,7 @@ class _Task:
         self.stream_done = False
         self.changed = threading.Event()
         self.waiters = 1
+        self.counted = 1  # waiters counted against the LLM's pending limit
         self.pickup_timeout = pickup_timeout
         self.pickup_deadline = now + pickup_timeout
         self.timeout = timeout
@@ -85,6 +87,40 @@ class _Session:
         self.dropped = False
 
 
+class _Entry:
+    __slots__ = ("place", "changed", "arrival")
+
+    def __init__(self, place, arrival):
+        self.place = place
+        self.changed = threading.Event()
+        self.arrival = arrival
+
+
+class _Queue:
+    """A fair queue: each token's waiting entries in arrival order; the token
+    served least recently goes first (one that was never served: in order of
+    arrival), so tokens take turns and a heavy one cannot starve a light one."""
+
+    __slots__ = ("waiting", "last_served", "seq", "members", "turn", "places")
+
+    def __init__(self):
+        self.places = 0  # entered and not yet left: waiting or granted
+        self.waiting: dict[str, collections.deque[_Entry]] = {}
+        self.last_served: dict[str, int] = {}
+        self.seq = 0   # counts arrivals and grants: the order of events
+        self.members: dict = {}
+        self.turn = 0  # ties between equally free members are broken in turn
+
+    def tick(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def order(self) -> list[str]:
+        """The waiting tokens, the next to be served first."""
+        return sorted(self.waiting, key=lambda token: (
+            self.last_served.get(token, 0), self.waiting[token][0].arrival))
+
+
 class MemoryTaskBus(TaskBus):
     def __init__(self, session_liveness=10.0, delivery: Delivery = Delivery(),
                  clock=time.monotonic):
@@ -99,6 +135,9 @@ class MemoryTaskBus(TaskBus):
         self._tombstones: collections.OrderedDict = collections.OrderedDict()
         self._last_prune = clock()
         self._redeliveries = 0
+        self._queues: dict[str, _Queue] = {}
+        self._entries: dict[str, _Entry] = {}   # place entry id -> entry, until it leaves
+        self._in_use: collections.Counter = collections.Counter()  # member -> turns granted
 
     # -- client side -------------------------------------------------------
 
@@ -112,22 +151,25 @@ class MemoryTaskBus(TaskBus):
                 session = self._sessions.get(session_id)
                 if session is None or not self._live(session, now):
                     raise base.publisher_offline(llm)
-            if self._pending[llm] >= limit:
+            if limit is not None and self._pending[llm] >= limit:
                 raise too_many_pending(llm, limit)
             shared = self._tasks.get(self._shared.get(share_key)) if share_key else None
             if shared is not None:
                 self._advance(shared, now)
+            counted = limit is not None  # a request the scheduler admitted is counted there
             if shared is not None and shared.state not in FINAL:
                 shared.waiters += 1
-                self._pending[llm] += 1
+                shared.counted += counted
+                self._pending[llm] += counted
                 return shared.id
             task_id = new_id()
             t = _Task(task_id, session_id, owner, {"task_id": task_id, **task}, llm, share_key,
                       pickup_timeout, timeout, now)
+            t.counted = int(counted)
             self._tasks[task_id] = t
             if share_key:
                 self._shared[share_key] = task_id
-            self._pending[llm] += 1
+            self._pending[llm] += counted
             session = self._session(session_id, now)
             session.queue.append(task_id)
             session.wakeup.set()
@@ -185,7 +227,9 @@ class MemoryTaskBus(TaskBus):
             if t is None:
                 return
             t.waiters -= 1
-            self._unpend(t.llm)
+            if t.counted > 0:
+                t.counted -= 1
+                self._unpend(t.llm)
             if t.waiters > 0:
                 return
             del self._tasks[task_id]
@@ -205,6 +249,72 @@ class MemoryTaskBus(TaskBus):
     def release_slot(self, slot):
         with self._lock:
             self._unpend(slot)
+
+    # -- capacity and the fair queue ---------------------------------------
+
+    def enter_queue(self, queue, token, members, *, limit, per_token, timeout):
+        from models import new_id
+
+        with self._lock:
+            now = self.clock()
+            q = self._queues.setdefault(queue, _Queue())
+            if self._pending[queue] >= limit:
+                raise too_many_queued(queue, limit, token=False)
+            if len(q.waiting.get(token, ())) >= per_token:
+                raise too_many_queued(queue, per_token, token=True)
+            self._pending[queue] += 1
+            q.places += 1
+            q.members = {m.name: m for m in members}
+            entry = _Entry(Place(queue, new_id(), token, timeout, now + timeout), q.tick())
+            if not q.waiting and (member := self._choose(q, now)) is not None:
+                self._grant(q, entry, member)
+            else:
+                q.waiting.setdefault(token, collections.deque()).append(entry)
+                entry.place.position = self._position(q, entry)
+            self._entries[entry.place.entry] = entry
+            return entry.place
+
+    def wait_turn(self, place, poll_interval):
+        entry = self._entries[place.entry]
+        end = self.clock() + poll_interval
+        while True:
+            with self._lock:
+                now = self.clock()
+                if place.member is not None:
+                    return True
+                q = self._queues[place.queue]
+                if now >= place.deadline:
+                    self._unqueue_entry(q, entry)
+                    raise queue_timeout(place.queue, place.timeout)
+                self._dispatch(place.queue, now)  # capacity may have lapsed, not been released
+                if place.member is not None:
+                    return True
+                place.position = self._position(q, entry)
+                entry.changed.clear()
+            if now >= end:
+                return False
+            entry.changed.wait(min(end, place.deadline) - now)
+
+    def leave_queue(self, place):
+        with self._lock:
+            entry = self._entries.pop(place.entry, None)
+            if entry is None:
+                return
+            self._unpend(place.queue)
+            q = self._queues[place.queue]
+            q.places -= 1
+            if place.member is None:
+                self._unqueue_entry(q, entry)
+            else:
+                self._in_use[place.member] -= 1
+                if self._in_use[place.member] <= 0:
+                    del self._in_use[place.member]
+                now = self.clock()
+                for name, other in list(self._queues.items()):  # every queue it serves
+                    if place.member in other.members:
+                        self._dispatch(name, now)
+            if q.places == 0:  # nobody waits or runs: who was served last no longer matters
+                del self._queues[place.queue]
 
     # -- publisher side ----------------------------------------------------
 
@@ -351,6 +461,8 @@ class MemoryTaskBus(TaskBus):
                     "pending": sum(self._pending.values()),
                     "queued": sum(len(s.queue) for s in self._sessions.values()),
                     "polls": sum(s.polls_held for s in self._sessions.values()),
+                    "places": len(self._entries), "queues": len(self._queues),
+                    "in_use": sum(self._in_use.values()),
                     "sessions": len(self._sessions)}
 
     # -- internals (called with the lock held) -------------------------------
@@ -363,6 +475,73 @@ class MemoryTaskBus(TaskBus):
 
     def _live(self, session, now):
         return session.polls_held > 0 or now - session.last_seen < self.session_liveness
+
+    def _choose(self, q, now):
+        """The live member with the most free capacity, in proportion to its
+        declared capacity (DEFAULT_WEIGHT without one); ties in turn. None
+        when every live member is full."""
+        best, tied = None, []
+        for member in q.members.values():
+            used = self._in_use[member.name]
+            if member.capacity is not None and used >= member.capacity:
+                continue
+            if member.session_id is not None:
+                session = self._sessions.get(member.session_id)
+                if session is None or not self._live(session, now):
+                    continue
+            load = used / (member.capacity or DEFAULT_WEIGHT)
+            if best is None or load < best:
+                best, tied = load, [member.name]
+            elif load == best:
+                tied.append(member.name)
+        if not tied:
+            return None
+        q.turn += 1
+        return sorted(tied)[q.turn % len(tied)]
+
+    def _grant(self, q, entry, member):
+        entry.place.member = member
+        entry.place.position = 0
+        q.last_served[entry.place.token] = q.tick()
+        self._in_use[member] += 1
+        entry.changed.set()
+
+    def _dispatch(self, queue, now):
+        """Grant waiting entries while a member has room: the least recently
+        served token first, in arrival order within a token."""
+        q = self._queues.get(queue)
+        while q is not None and q.waiting:
+            token = q.order()[0]
+            fifo = q.waiting[token]
+            entry = fifo[0]
+            if now >= entry.place.deadline:  # its waiter will say so; it waits no more
+                self._unqueue_entry(q, entry)
+                continue
+            member = self._choose(q, now)
+            if member is None:
+                return
+            fifo.popleft()
+            if not fifo:
+                del q.waiting[token]
+            self._grant(q, entry, member)
+
+    def _unqueue_entry(self, q, entry):
+        fifo = q.waiting.get(entry.place.token)
+        if fifo is not None and entry in fifo:
+            fifo.remove(entry)
+            if not fifo:
+                del q.waiting[entry.place.token]
+
+    def _position(self, q, entry):
+        """1 + the entries served before this one: tokens take turns, so every
+        token ahead in turn serves up to k + 1 of its own first, every token
+        behind up to k (k: this token's entries ahead of this one)."""
+        tokens = q.order()
+        mine = tokens.index(entry.place.token)
+        k = list(q.waiting[entry.place.token]).index(entry)
+        ahead = k + sum(min(len(q.waiting[t]), k + (1 if i < mine else 0))
+                        for i, t in enumerate(tokens) if i != mine)
+        return ahead + 1
 
     def _unpend(self, llm):
         self._pending[llm] -= 1

@@ -36,9 +36,10 @@ import redis
 
 from jsonio import dumps, loads
 from models import new_id
-from services.bus.base import (CONNECTION_CHECK_INTERVAL, MAX_TASKS_PER_POLL, TOMBSTONE_TTL,
-                               Delivery, TaskBus, publisher_offline, too_many_pending,
-                               too_many_polls)
+from services.bus.base import (CONNECTION_CHECK_INTERVAL, DEFAULT_WEIGHT, MAX_TASKS_PER_POLL,
+                               TOMBSTONE_TTL, Delivery, Place, TaskBus, publisher_offline,
+                               queue_timeout, too_many_pending, too_many_polls,
+                               too_many_queued)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services.bus.waiters import Waiters
 from services.errors import BadGateway, GatewayTimeout, Unavailable, bus_unavailable, from_data
@@ -81,6 +82,7 @@ class _Hold:
     llm: str
     changed: threading.Event
     fresh_until: float | None
+    counted: bool = True  # against the LLM's pending limit (not when the fair queue counts it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,8 @@ class RedisTaskBus(TaskBus):
         self._waiters = Waiters()
         self._lock = threading.Lock()
         self._holds: dict[str, list[_Hold]] = {}             # task -> this process's requests
-        self._leased_llms = collections.Counter()            # llm -> leases held here
+        self._leased = collections.Counter()  # lease hash key ("n:<llm>", "c:<member>") -> held here
+        self._places: dict[str, threading.Event] = {}        # queue entry -> its waiter
         self._polls = collections.Counter()                  # session -> polls held here
         self._unreleased = collections.deque(maxlen=MAX_RETRIED_RELEASES)
         self._down = False
@@ -164,7 +167,8 @@ class RedisTaskBus(TaskBus):
         # its first wait need not look first (see _Hold.fresh_until).
         changed = self._waiters.add("t:" + task_id)
         try:
-            reply = self._run("submit", session_id, task_id, lease, llm, owner or "", limit,
+            reply = self._run("submit", session_id, task_id, lease, llm, owner or "",
+                              "" if limit is None else limit,
                               pickup_timeout, timeout, share_key or "", task["kind"],
                               _flag(task.get("streaming")), payload, _flag(require_live))
         except Unavailable:
@@ -181,9 +185,12 @@ class RedisTaskBus(TaskBus):
             self._waiters.discard("t:" + task_id, changed)
             task_id, fresh_until = reply[1], None
             changed = self._waiters.add("t:" + task_id)
+        counted = limit is not None
         with self._lock:
-            self._holds.setdefault(task_id, []).append(_Hold(lease, llm, changed, fresh_until))
-            self._leased_llms[llm] += 1
+            self._holds.setdefault(task_id, []).append(
+                _Hold(lease, llm, changed, fresh_until, counted))
+            if counted:
+                self._lease_held("n:" + llm)
         return task_id
 
     def wait_result(self, task_id, poll_interval=None):
@@ -241,7 +248,8 @@ class RedisTaskBus(TaskBus):
             hold = holds.pop()
             if not holds:
                 del self._holds[task_id]
-            self._unlease(hold.llm)
+            if hold.counted:
+                self._lease_freed("n:" + hold.llm)
         self._waiters.discard("t:" + task_id, hold.changed)
         self._run_or_retry("release", task_id, hold.lease, hold.llm)
 
@@ -255,14 +263,77 @@ class RedisTaskBus(TaskBus):
         if not taken:
             raise too_many_pending(llm, limit)
         with self._lock:
-            self._leased_llms[llm] += 1
+            self._lease_held("n:" + llm)
         return llm, lease
 
     def release_slot(self, slot):
         llm, lease = slot
         with self._lock:
-            self._unlease(llm)
+            self._lease_freed("n:" + llm)
         self._run_or_retry("release_slot", llm, lease)
+
+    # -- capacity and the fair queue ---------------------------------------
+
+    def enter_queue(self, queue, token, members, *, limit, per_token, timeout):
+        entry = new_id()
+        changed = self._waiters.add("q:" + entry)  # listening before it can be granted
+        # None is left out: Lua's cjson reads null as a value that is not nil.
+        members_json = dumps([{key: value for key, value in (
+            ("n", m.name), ("c", m.capacity), ("s", m.session_id)) if value is not None}
+            for m in members]).decode()
+        try:
+            reply = self._run("queue_enter", queue, token, entry, members_json, limit, per_token,
+                              timeout)
+        except Unavailable:
+            self._waiters.discard("q:" + entry, changed)
+            self._retry_later("queue_leave", queue, token, entry)  # it may have run
+            raise
+        if reply[0] in ("full", "token_full"):
+            self._waiters.discard("q:" + entry, changed)
+            raise too_many_queued(queue, per_token if reply[0] == "token_full" else limit,
+                                  token=reply[0] == "token_full")
+        place = Place(queue, entry, token, timeout, self.clock() + timeout)
+        with self._lock:
+            self._places[entry] = changed
+            self._lease_held("n:" + queue)
+        self._take_reply(place, reply)
+        return place
+
+    def wait_turn(self, place, poll_interval):
+        end = self.clock() + poll_interval
+        changed = self._places[place.entry]
+        while place.member is None:
+            changed.clear()
+            self._take_reply(place, self._run("queue_wait", place.queue, place.token,
+                                              place.entry))
+            if place.member is not None:
+                break
+            now = self.clock()
+            if now >= end:
+                return False
+            changed.wait(max(0.0, min(end, place.deadline) - now) + CLOCK_SLACK)
+        return True
+
+    def leave_queue(self, place):
+        with self._lock:
+            changed = self._places.pop(place.entry, None)
+            if changed is None:
+                return
+            self._lease_freed("n:" + place.queue)
+            if place.member is not None:
+                self._lease_freed("c:" + place.member)
+        self._waiters.discard("q:" + place.entry, changed)
+        self._run_or_retry("queue_leave", place.queue, place.token, place.entry)
+
+    def _take_reply(self, place, reply):
+        if reply[0] == "granted":
+            place.member, place.position = reply[1], 0
+            with self._lock:
+                self._lease_held("c:" + place.member)
+        elif reply[0] == "queued":
+            place.position = int(reply[1])
+        else:  # timeout: its entry is gone
+            raise queue_timeout(place.queue, place.timeout)
 
     # -- publisher side ----------------------------------------------------
 
@@ -372,7 +443,10 @@ class RedisTaskBus(TaskBus):
     def stats(self):
         with self._lock:
             return {"tasks": len(self._holds), "shared": 0,
-                    "pending": sum(self._leased_llms.values()),
+                    "pending": sum(n for key, n in self._leased.items()
+                                   if key.startswith("n:")),
+                    "in_use": sum(n for key, n in self._leased.items() if key.startswith("c:")),
+                    "places": len(self._places),
                     "polls": sum(self._polls.values()), "waiters": len(self._waiters),
                     "queued": self._queued()}
 
@@ -444,10 +518,13 @@ class RedisTaskBus(TaskBus):
     def _channel(self) -> str:
         return f"{self.prefix}w:{self.worker_id}"
 
-    def _unlease(self, llm):
-        self._leased_llms[llm] -= 1
-        if self._leased_llms[llm] <= 0:
-            del self._leased_llms[llm]
+    def _lease_held(self, key):
+        self._leased[key] += 1
+
+    def _lease_freed(self, key):
+        self._leased[key] -= 1
+        if self._leased[key] <= 0:
+            del self._leased[key]
 
     def _queued(self) -> int:
         """Task ids and cancel messages queued for any session (tests only: a SCAN)."""
@@ -513,9 +590,9 @@ class RedisTaskBus(TaskBus):
         """Keep this worker alive and its lease hashes with it; retry releases."""
         while not self._stopping.wait(min(HEARTBEAT_EVERY, self.worker_ttl / 4)):
             with self._lock:
-                llms = list(self._leased_llms)
+                keys = list(self._leased)
             try:
-                self._run("heartbeat", LEASE_TTL, *llms)
+                self._run("heartbeat", LEASE_TTL, *keys)
                 self._retry_releases()
             except Unavailable:
                 pass
@@ -538,7 +615,8 @@ def _load_scripts(client, constants: dict) -> dict:
     when Redis has forgotten it)."""
     prelude = (LUA / "prelude.lua").read_text()
     for name, value in {"TRANSITIONS": _lua_transitions(), "MARGIN": MARGIN,
-                        "TOMBSTONE_MS": int(TOMBSTONE_TTL * 1000), **constants}.items():
+                        "TOMBSTONE_MS": int(TOMBSTONE_TTL * 1000), "LEASE_TTL": LEASE_TTL,
+                        "DEFAULT_WEIGHT": DEFAULT_WEIGHT, **constants}.items():
         prelude = prelude.replace("{{" + name + "}}", str(value))
     if "{{" in prelude:
         raise RuntimeError("a constant of lua/prelude.lua has no value")

@@ -282,6 +282,107 @@ local function check_open(t)
   return nil
 end
 
+-- -- the fair queue ---------------------------------------------------------
+-- fq:<queue>:w:<token> list of entry ids (a token's waiting requests, in order)
+-- fq:<queue>:ring zset token -> score: the token served least recently first
+--   (score: the sequence number of its last grant; never served: its arrival
+--   as a fraction below 1, so it goes before every token served already)
+-- fq:<queue>:e    hash entry -> {t: token, w: worker, d: deadline}
+-- fq:<queue>:g    hash entry -> member (granted turns, until the request leaves)
+-- fq:<queue>:m    hash member -> {c: capacity, s: session}; fq:<queue>:last, :seq, :turn
+-- fqof:<member>   set of the queues a member serves; c:<member> lease hash (turns in use)
+local DEFAULT_WEIGHT = {{DEFAULT_WEIGHT}}
+
+local function fq(queue, part) return P .. 'fq:' .. queue .. ':' .. part end
+
+-- The live member with the most free capacity, in proportion (ties in turn), or nil.
+local function choose(queue)
+  local flat = redis.call('HGETALL', fq(queue, 'm'))
+  local best, tied = nil, {}
+  for i = 1, #flat, 2 do
+    local name, member = flat[i], cjson.decode(flat[i + 1])
+    if not member.s or session_live(member.s) then
+      local used = live_leases(P .. 'c:' .. name)
+      if not member.c or used < member.c then
+        local load = used / (member.c or DEFAULT_WEIGHT)
+        if best == nil or load < best then
+          best, tied = load, {name}
+        elseif load == best then
+          tied[#tied + 1] = name
+        end
+      end
+    end
+  end
+  if #tied == 0 then return nil end
+  table.sort(tied)
+  local turn = redis.call('INCR', fq(queue, 'turn'))
+  extend(fq(queue, 'turn'), {{LEASE_TTL}} + MARGIN)
+  return tied[(turn % #tied) + 1]
+end
+
+local function grant(queue, entry, e, member)
+  redis.call('HSET', P .. 'c:' .. member, entry, e.w)
+  extend(P .. 'c:' .. member, {{LEASE_TTL}})
+  redis.call('HSET', fq(queue, 'g'), entry, member)
+  extend(fq(queue, 'g'), e.d - NOW + MARGIN + {{LEASE_TTL}})
+  redis.call('PUBLISH', P .. 'w:' .. e.w, 'q:' .. entry)
+end
+
+local function drop_entry(queue, entry)
+  redis.call('HDEL', fq(queue, 'e'), entry)
+  redis.call('HDEL', P .. 'n:' .. queue, entry)
+end
+
+-- Grant waiting entries while a member has room: the least recently served
+-- token first, in arrival order within a token. Entries of dead workers, and
+-- past their deadline, are dropped on the way (their waiters see a timeout).
+local function dispatch(queue)
+  local ring = fq(queue, 'ring')
+  for _ = 1, 10000 do
+    local token = redis.call('ZRANGE', ring, 0, 0)[1]
+    if not token then return end
+    local list = fq(queue, 'w:' .. token)
+    local entry = redis.call('LINDEX', list, 0)
+    if not entry then
+      redis.call('ZREM', ring, token)
+    else
+      local data = redis.call('HGET', fq(queue, 'e'), entry)
+      local e = data and cjson.decode(data)
+      if not e or not alive(e.w) or NOW >= e.d then
+        redis.call('LPOP', list)
+        drop_entry(queue, entry)
+      else
+        local member = choose(queue)
+        if not member then return end
+        redis.call('LPOP', list)
+        grant(queue, entry, e, member)
+        local seq = redis.call('INCR', fq(queue, 'seq'))
+        redis.call('HSET', fq(queue, 'last'), token, seq)
+        for _, part in ipairs({'seq', 'last'}) do extend(fq(queue, part), {{LEASE_TTL}} + MARGIN) end
+        if redis.call('LLEN', list) > 0 then redis.call('ZADD', ring, seq, token) end
+      end
+      if redis.call('LLEN', list) == 0 then redis.call('ZREM', ring, token) end
+    end
+  end
+end
+
+-- 1 + the entries served before this one: tokens take turns, so every token
+-- ahead in turn serves up to k + 1 of its own first, every one behind up to k.
+local function position(queue, token, entry)
+  local k = redis.call('LPOS', fq(queue, 'w:' .. token), entry)
+  if not k then return 0 end
+  local ahead, mine = k, true
+  for _, other in ipairs(redis.call('ZRANGE', fq(queue, 'ring'), 0, -1)) do
+    if other == token then
+      mine = false
+    else
+      ahead = ahead + math.min(redis.call('LLEN', fq(queue, 'w:' .. other)),
+                               k + (mine and 1 or 0))
+    end
+  end
+  return ahead + 1
+end
+
 -- Leases (lease -> worker) counted against `limit`; false when full.
 local function take_lease(key, lease, limit, ttl)
   if live_leases(key) >= limit then return false end

@@ -8,7 +8,8 @@ local life = pickup + timeout + MARGIN
 
 if ARG(13) == '1' and not session_live(sid) then return {'offline'} end
 
-if not take_lease(P .. 'n:' .. llm, lease, limit, life) then return {'full'} end
+-- limit '': a request the fair queue admitted, counted there.
+if limit and not take_lease(P .. 'n:' .. llm, lease, limit, life) then return {'full'} end
 
 if share ~= '' then
   local joined = redis.call('GET', P .. 'sh:' .. share)
