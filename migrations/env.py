@@ -92,6 +92,13 @@ def run_migrations_online():
     connectable = get_engine()
 
     with connectable.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            # A migration that rebuilds a table (batch mode) drops the old one:
+            # with foreign keys on, SQLite would first delete the rows that
+            # point at it (ON DELETE CASCADE). Only outside a transaction does
+            # the pragma take; the connection is not given back to the pool.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=get_metadata(),

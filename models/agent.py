@@ -33,13 +33,16 @@ class Agent(LifecycleMixin, db.Model):
         sa.Index("ix_agent_kind_status", "kind", "status"),
         sa.Index("ix_agent_provider_session_id", "provider_session_id"),
         sa.Index("ix_agent_llm_id", "llm_id"),
+        # An agent runs on an LLM, or on a pool of the rows serving a model.
+        sa.CheckConstraint("(llm_id IS NULL) <> (model IS NULL)", name="llm_or_model"),
     )
 
     id: Mapped[str] = id_column()
     name: Mapped[str] = mapped_column(sa.String(100), unique=True)
     description: Mapped[str] = mapped_column(sa.Text, default="")
     system_prompt: Mapped[str] = mapped_column(sa.Text, default="")
-    llm_id: Mapped[str] = mapped_column(sa.ForeignKey("llm.id", ondelete="RESTRICT"))
+    llm_id: Mapped[str | None] = mapped_column(sa.ForeignKey("llm.id", ondelete="RESTRICT"))
+    model: Mapped[str | None] = mapped_column(sa.String(200))  # a pool: `pool:<model>`
     project_id: Mapped[str | None] = mapped_column(
         sa.ForeignKey("project.id", ondelete="SET NULL"))
     default_personality_id: Mapped[str | None] = mapped_column(
@@ -63,6 +66,7 @@ class Agent(LifecycleMixin, db.Model):
             "description": self.description,
             "system_prompt": self.system_prompt,
             "llm": self.llm.name if self.llm else None,
+            "model": self.model,
             "project": self.project.name if self.project else None,
             "default_personality": (
                 self.default_personality.name if self.default_personality else None),

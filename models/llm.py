@@ -25,6 +25,8 @@ class Llm(LifecycleMixin, db.Model):
     # Write-only: no view, log line or error message may carry it.
     api_key: Mapped[str | None] = mapped_column(sa.Text)
     extra_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # At most this many requests in flight at once (None: no server-side cap).
+    max_concurrency: Mapped[int | None]
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()
 
@@ -41,6 +43,7 @@ class Llm(LifecycleMixin, db.Model):
             "tier": self.tier,
             "description": self.description,
             "extra_config": self.extra_config or {},
+            "max_concurrency": self.max_concurrency,
             **self.lifecycle_view(),
             "has_api_key": bool(self.api_key),
             "created_at": iso(self.created_at),

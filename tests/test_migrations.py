@@ -174,3 +174,35 @@ def test_upgrade_on_a_big_table_outlasts_the_servers_statement_timeout(tmp_path)
         assert "Running upgrade 3f6c2b9d1e47 -> 5b1e0c7a9d21" in result.stderr
     finally:
         database.close()
+
+
+BEFORE_POOLS = "7c2d4e6f8a10"
+
+
+def test_the_capacity_and_pools_migration_keeps_every_agent_and_what_hangs_on_it(fresh):
+    """The agent table is rebuilt on SQLite: its threads and personalities must
+    survive (with foreign keys on, dropping the old table would cascade)."""
+    fresh.flask_db(f"upgrade {BEFORE_POOLS}")
+    now = utcnow()
+    with fresh.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO llm (id, name, type, model, url, tier, description, extra_config, "
+            "created_at, updated_at, kind, status, version) VALUES (:id, 'box', 'openai', 'm', "
+            "'', 'fast', '', '{}', :now, :now, 'public', 'active', 1)"),
+            {"id": uuid.uuid4().hex, "now": now})
+        llm_id = conn.execute(sa.text("SELECT id FROM llm WHERE name = 'box'")).scalar()
+        conn.execute(sa.text(
+            "INSERT INTO agent (id, name, description, system_prompt, llm_id, default_params, "
+            "extras, kind, status, version, created_at, updated_at) VALUES ('a1', 'helper', '',"
+            " '', :llm, '{}', '{}', 'public', 'active', 1, :now, :now)"),
+            {"llm": llm_id, "now": now})
+        conn.execute(sa.text(
+            "INSERT INTO chat_thread (id, agent_id, owner, title, created_at) VALUES "
+            "('t1', 'a1', 'someone', 'kept', :now)"), {"now": now})
+    fresh.flask_db("upgrade")
+    with fresh.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT title FROM chat_thread")).scalars().all() == ["kept"]
+        assert conn.execute(sa.text("SELECT model, llm_id FROM agent")).one() == (None, llm_id)
+    fresh.flask_db(f"downgrade {BEFORE_POOLS}")  # no agent on a pool: it goes back
+    with fresh.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM chat_thread")).scalar() == 1
