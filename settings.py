@@ -31,6 +31,9 @@ DEFAULTS = {
     "TASK_MAX_ATTEMPTS": 2,
     "PUBLISHER_LOST_TIMEOUT": 60.0,
     "MAX_POLLS_PER_SESSION": 4,
+    # The fair queue (DESIGN.md, "Pools, capacity and the fair queue").
+    "QUEUE_TIMEOUT": 60.0,
+    "MAX_QUEUED_PER_TOKEN": 32,
     # Unread chunks of one stream before its publisher is held back (429).
     "MAX_BUFFERED_CHUNKS": 10_000,
     # Not in the contract, but tunable: SSE comment interval while a stream

@@ -57,7 +57,8 @@ def delete_thread(thread_id):
 @bp.post("/agents/<name>/chat")
 @require("client")
 def chat_with_agent(name):
-    turn = chat.start_turn(db.session, name, caller(), json_body(chat_request), utcnow())
+    turn = chat.start_turn(db.session, name, caller(), json_body(chat_request), utcnow(),
+                           current_app.extensions["task_bus"].is_live)
     db.session.commit()
     db.session.close()  # hold no pooled connection while the relay waits
     relay = extensions.relay()

@@ -1,7 +1,7 @@
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 
-from blueprints.common import json_body, peer_connected, require
+from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db, relay
 from jsonio import dumps
 from schemas.inference import chat_completion
@@ -26,11 +26,18 @@ def inference_body() -> dict:
     return body
 
 
+@bp.post("/pools/<path:model>/infer")
+@require("client")
+def infer_on_pool(model):
+    return run_inference(inference.POOL_PREFIX + model, inference_body())
+
+
 def run_inference(name: str, body: dict) -> Response:
-    target = inference.resolve(db.session, name)
+    """Run `body` on an LLM or, for `pool:<model>`, on a member of the pool."""
+    route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live)
     db.session.close()  # hold no pooled connection while the relay waits
     return to_response(relay().infer(
-        target, body, client_connected=peer_connected(request.environ)))
+        route, body, client_connected=peer_connected(request.environ), token=caller().id))
 
 
 def to_response(reply: inference.Reply) -> Response:

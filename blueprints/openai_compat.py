@@ -14,6 +14,7 @@ from blueprints.infer import inference_body, run_inference
 from extensions import db
 from models import Status
 from services import agents, registry
+from services.inference import POOL_PREFIX
 from services.errors import Invalid, NotFound
 
 AGENT_PREFIX = "agent:"
@@ -31,6 +32,7 @@ def is_live(session_id: str) -> bool:
 def list_models():
     llms = registry.list_usable_llms(db.session, is_live)
     models = [_model(llm.name, llm) for llm in llms]
+    models += [_pool(model, members) for model, members in registry.pools(llms).items()]
     models += [_model(AGENT_PREFIX + agent.name, agent)
                for agent in agents.list_usable_agents(db.session, llms)]
     return {"object": "list", "data": models}
@@ -41,8 +43,17 @@ def get_model(model):
     if model.startswith(AGENT_PREFIX):
         with models_hint():
             agent = agents.get_agent(db.session, model[len(AGENT_PREFIX):])
-        if agent.status != Status.INACTIVE and registry.is_usable(agent.llm, is_live):
+        usable = (registry.pool_is_usable(db.session, agent.model, is_live) if agent.llm is None
+                  else registry.is_usable(agent.llm, is_live))
+        if agent.status != Status.INACTIVE and usable:
             return _model(model, agent)
+    elif model.startswith(POOL_PREFIX):
+        members = registry.pools(registry.list_usable_llms(db.session, is_live)).get(
+            model[len(POOL_PREFIX):])
+        if members:
+            return _pool(model[len(POOL_PREFIX):], members)
+        with models_hint():
+            registry.get_pool_model(db.session, model[len(POOL_PREFIX):])
     else:
         with models_hint():
             llm = registry.get_llm(db.session, model)
@@ -71,12 +82,18 @@ def _model(model_id, row) -> dict:
             "created": calendar.timegm(row.created_at.timetuple()), "owned_by": row.kind}
 
 
+def _pool(model, members) -> dict:
+    return {"id": POOL_PREFIX + model, "object": "model",
+            "created": min(calendar.timegm(m.created_at.timetuple()) for m in members),
+            "owned_by": "pool"}
+
+
 @contextlib.contextmanager
 def models_hint():
     """A 404 for an unknown LLM or agent points at /v1/models."""
     try:
         yield
     except NotFound as exc:
-        if exc.code not in ("llm_not_found", "agent_not_found"):
+        if exc.code not in ("llm_not_found", "agent_not_found", "model_not_found"):
             raise
         raise NotFound(f"{exc.message}; {MODELS_HINT}", code=exc.code) from None

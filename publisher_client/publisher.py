@@ -48,7 +48,8 @@ class LocalLlm:
     def register_item(self) -> dict:
         """This LLM as the server's register payload wants it. The seed's
         rule: hibernating only when a wake recipe exists and the backend is down."""
-        item = {"name": self.name, "type": self.config.type, "model": self.config.model}
+        item = {"name": self.name, "type": self.config.type, "model": self.config.model,
+                "max_concurrency": self.config.max_concurrency}  # the server caps it too
         for key in ("tier", "description", "extra_config"):
             if getattr(self.config, key) is not None:
                 item[key] = getattr(self.config, key)

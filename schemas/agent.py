@@ -28,9 +28,28 @@ def Params(**kwargs):
     return fields.Nested(SamplingParamsSchema, **kwargs)
 
 
-class AgentCreateSchema(StrictSchema):
+def PoolModel(**kwargs):
+    """The model of a pool (`pool:<model>`): any model name a row may serve."""
+    return fields.String(validate=validate.Length(min=1, max=200), **kwargs)
+
+
+class LlmOrModel:
+    """An agent runs on an LLM (`llm`) or on a pool (`model`), not both."""
+
+    @validates_schema
+    def llm_or_model(self, data, partial=None, **_):
+        given = [key for key in ("llm", "model") if data.get(key) is not None]
+        if len(given) > 1:
+            raise ValidationError("give either llm or model (a pool), not both", "_schema")
+        if not given and not partial and not self.updating:
+            raise ValidationError("give llm, or model (a pool)", "_schema")
+
+
+class AgentCreateSchema(LlmOrModel, StrictSchema):
+    updating = False
     name = Name(required=True)
-    llm = Name(required=True)
+    llm = Name()
+    model = PoolModel()
     description = fields.String(load_default="", validate=validate.Length(max=10_000))
     system_prompt = fields.String(load_default="", validate=validate.Length(max=TEXT_MAX))
     project = Name(load_default=None, allow_none=True)
@@ -41,8 +60,10 @@ class AgentCreateSchema(StrictSchema):
     extras = fields.Dict(keys=fields.String(), load_default=dict)
 
 
-class AgentUpdateSchema(StrictSchema):
+class AgentUpdateSchema(LlmOrModel, StrictSchema):
+    updating = True
     llm = Name()
+    model = PoolModel()
     description = fields.String(validate=validate.Length(max=10_000))
     system_prompt = fields.String(validate=validate.Length(max=TEXT_MAX))
     project = Name(allow_none=True)

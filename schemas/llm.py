@@ -6,6 +6,11 @@ LLM_TYPES = ("openai",)
 TIERS = ("fast", "heavy")
 
 
+def MaxConcurrency(**kwargs):
+    """Requests in flight at once, 1-1024; null: no server-side cap."""
+    return StrictInteger(allow_none=True, validate=validate.Range(min=1, max=1024), **kwargs)
+
+
 class LlmCreateSchema(StrictSchema):
     name = Name(required=True)
     type = fields.String(load_default="openai", validate=validate.OneOf(LLM_TYPES))
@@ -16,6 +21,7 @@ class LlmCreateSchema(StrictSchema):
     api_key = fields.String(load_default=None, allow_none=True, load_only=True,
                             validate=validate.Length(max=10_000))
     extra_config = fields.Dict(keys=fields.String(), load_default=dict)
+    max_concurrency = MaxConcurrency(load_default=None)
 
 
 class LlmUpdateSchema(StrictSchema):
@@ -26,6 +32,7 @@ class LlmUpdateSchema(StrictSchema):
     description = fields.String(validate=validate.Length(max=10_000))
     api_key = fields.String(allow_none=True, load_only=True, validate=validate.Length(max=10_000))
     extra_config = fields.Dict(keys=fields.String())
+    max_concurrency = MaxConcurrency()
     version = StrictInteger()
 
 

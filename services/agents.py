@@ -7,9 +7,10 @@ import logging
 
 import sqlalchemy as sa
 
-from models import Agent, Kind, Status
+from models import Agent, Kind, Llm, Status
 from services import personalities, projects, registry, rows
 from services.errors import Conflict, NotFound, Unavailable
+from services.inference import POOL_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +20,15 @@ def list_agents(session) -> list[Agent]:
 
 
 def list_usable_agents(session, usable_llms) -> list[Agent]:
-    """The agents on `usable_llms` (see registry.list_usable_llms) that are
-    not inactive themselves."""
+    """The agents on `usable_llms` (see registry.list_usable_llms), or on a
+    pool one of them serves, that are not inactive themselves."""
     llm_ids = [llm.id for llm in usable_llms]
+    models = sorted({llm.model for llm in usable_llms})
     if not llm_ids:
         return []
     return list(session.scalars(
-        sa.select(Agent).where(Agent.status != Status.INACTIVE, Agent.llm_id.in_(llm_ids))
+        sa.select(Agent).where(Agent.status != Status.INACTIVE,
+                               sa.or_(Agent.llm_id.in_(llm_ids), Agent.model.in_(models)))
         .order_by(Agent.name)))
 
 
@@ -54,7 +57,7 @@ def create_agent(session, data: dict, owner: str) -> Agent:
     _apply(session, agent, data)
     session.add(agent)
     rows.flush_or_conflict(session, f"Agent name '{data['name']}' is taken")
-    log.info("created agent %s on LLM %s", agent.name, agent.llm.name)
+    log.info("created agent %s on %s", agent.name, runs_on(agent))
     return agent
 
 
@@ -90,21 +93,35 @@ def persona(session, agent: Agent, personality: str | None = None) -> tuple[str,
 
 
 def through_agent(session, name: str, body: dict) -> tuple[str, dict]:
-    """A stateless chat-completions call through agent `name`: the LLM to run
-    it on, and the body with the agent's system text first and its default
-    params under the body's own. Raises NotFound, Unavailable."""
+    """A stateless chat-completions call through agent `name`: where to run
+    it (an LLM's name, or `pool:<model>`), and the body with the agent's
+    system text first and its default params under the body's own. Raises
+    NotFound, Unavailable."""
     agent = get_usable_agent(session, name)
     system, defaults = persona(session, agent)
     body = {**defaults, **{k: v for k, v in body.items() if k != "model"}}
     if system:
         body["messages"] = [{"role": "system", "content": system}, *body["messages"]]
-    return agent.llm.name, body
+    return runs_on(agent), body
+
+
+def runs_on(agent: Agent) -> str:
+    """Where the agent's calls run: its LLM's name, or `pool:<model>`."""
+    return agent.llm.name if agent.llm is not None else POOL_PREFIX + agent.model
 
 
 def _apply(session, agent, data):
-    """Set the fields of `data`, resolving names to rows."""
-    if "llm" in data:
-        agent.llm = registry.get_llm(session, data.pop("llm"))
+    """Set the fields of `data`, resolving names to rows. An LLM replaces the
+    agent's pool and a pool its LLM: it has one or the other."""
+    if data.get("llm") is not None:
+        agent.llm, agent.model = registry.get_llm(session, data.pop("llm")), None
+    if data.get("model") is not None:
+        model = data.pop("model")
+        if not session.scalar(sa.select(sa.exists().where(Llm.model == model))):
+            raise NotFound(f"No LLM serves model '{model}'", code="model_not_found")
+        agent.llm, agent.model = None, model
+    data.pop("llm", None)
+    data.pop("model", None)
     if "project" in data:
         name = data.pop("project")
         agent.project = projects.get_project(session, name) if name else None

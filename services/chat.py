@@ -44,7 +44,7 @@ from models import Agent, ChatMessage, ChatThread, MessageStatus, Status
 from services import agents, database, inference, rows
 from services.errors import (BadGateway, Forbidden, Invalid, NotFound, ServiceError, Unavailable,
                             envelope)
-from services.inference import SSE_KEEPALIVE, Reply, Target, sse_event
+from services.inference import SSE_KEEPALIVE, Reply, Route, sse_event
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ class Turn:
 
     thread_id: str
     message_id: str  # the assistant's pending message
-    target: Target
+    route: Route
     body: dict
+    token: str  # the caller: its turn in a fair queue
 
     @property
     def stream(self) -> bool:
@@ -177,7 +178,7 @@ def delete_thread(session, thread_id: str, caller) -> None:
 
 # -- a turn ------------------------------------------------------------------
 
-def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
+def start_turn(session, agent_name: str, caller, request: dict, now, is_live) -> Turn:
     """Store the caller's message (after any tool results) and a pending
     assistant message in the thread (a new one without `thread_id`), and
     build the body to run. Raises NotFound (agent, thread, personality),
@@ -187,12 +188,13 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
     message exactly once, or a message without them while such calls wait),
     Conflict (a concurrent turn took the same place in the thread). A row
     known to be inactive (agent or LLM) is refused here, before anything is
-    stored: there is no turn to record."""
+    stored: there is no turn to record. `is_live(session_id)` tells a live
+    publisher (an agent on a pool runs on its members that can answer)."""
     agent = agents.get_usable_agent(session, agent_name)
     system, defaults = agents.persona(session, agent, request.get("personality"))
-    target = inference.resolve(session, agent.llm.name)
-    if target.status == Status.INACTIVE:
-        raise Unavailable(f"Virtual LLM '{target.name}' is inactive; publisher offline",
+    route = inference.route(session, agents.runs_on(agent), is_live)
+    if route.pool is None and route.targets[0].status == Status.INACTIVE:
+        raise Unavailable(f"Virtual LLM '{route.queue}' is inactive; publisher offline",
                           code="publisher_offline")
     thread = _thread_for_turn(session, agent, caller, request, now)
 
@@ -223,9 +225,9 @@ def start_turn(session, agent_name: str, caller, request: dict, now) -> Turn:
     messages += _alternating([_context_message(m) for m in history + new[:-1]])
     params = {key: value for key, value in {**defaults, **request.get("params", {})}.items()
               if value is not None}
-    body = {**params, "model": target.model, "messages": messages,
-            "stream": bool(request.get("stream"))}
-    return Turn(thread_id=thread.id, message_id=new[-1].id, target=target, body=body)
+    body = {**params, "messages": messages, "stream": bool(request.get("stream"))}
+    return Turn(thread_id=thread.id, message_id=new[-1].id, route=route, body=body,
+                token=caller.id)
 
 
 def finish_turn(session, turn: Turn, answer: Answer, now) -> bool:
@@ -342,8 +344,9 @@ def rejection(llm: str, reply: Reply) -> InferenceFailed:
 def _run(relay, turn, transaction, clock, client_connected=None):
     """The relay's reply, and its answer when it came whole (else None)."""
     try:
-        reply = relay.infer(turn.target, turn.body, client_connected=client_connected)
-        answer = None if reply.stream is not None else read_completion(turn.target.name, reply)
+        reply = relay.infer(turn.route, turn.body, client_connected=client_connected,
+                            token=turn.token)
+        answer = None if reply.stream is not None else read_completion(turn.route.queue, reply)
     except ServiceError as exc:
         _store(transaction, fail_turn, turn, exc.message, clock=clock)
         raise
@@ -361,7 +364,7 @@ def _events(turn, reply, answer, transaction, clock):
         deltas = [answer.content] if answer.content else []
     else:
         answer = Answer()
-        deltas = read_stream(turn.target.name, reply, answer)
+        deltas = read_stream(turn.route.queue, reply, answer)
     try:
         for delta in deltas:
             yield SSE_KEEPALIVE if delta is None else _event({"type": "text", "delta": delta})

@@ -1,15 +1,18 @@
 """What an inference call resolves to, and the reply it produces.
 
-`resolve` is the one indexed read an inference makes; everything after it
-works on the plain `Target`, with no database connection held.
+`resolve` (one LLM) and `route` (an LLM or a pool, `pool:<model>`) are the
+reads an inference makes; everything after them works on plain `Target`s,
+with no database connection held.
 """
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from models import Llm, PublisherSession
-from services.errors import NotFound
+from models import Kind, Llm, PublisherSession, Status
+from services.errors import NotFound, Unavailable
+
+POOL_PREFIX = "pool:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +25,39 @@ class Target:
     api_key: str | None  # as stored: encrypted (services/api_keys.py); Upstream decrypts it
     session_id: str | None
     owner: str | None  # the token owning the publisher session (virtual rows)
+    max_concurrency: int | None = None  # requests in flight at once (None: no cap)
 
     def __repr__(self):  # never the key
         return f"Target({self.name!r}, {self.kind}/{self.status})"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where an inference may run: one LLM (`queue` is its name), or the
+    members of a pool (`queue` is `pool:<model>`): the usable rows serving
+    `model`, and its hibernating ones, woken only when no other can answer."""
+
+    queue: str
+    targets: tuple[Target, ...]
+    asleep: tuple[Target, ...] = ()
+    pool: str | None = None  # the model, for a pool
+
+    @classmethod
+    def single(cls, target: Target) -> "Route":
+        return cls(target.name, (target,))
+
+    @property
+    def label(self) -> str:
+        return f"pool '{self.pool}'" if self.pool is not None else f"LLM '{self.queue}'"
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether requests go through the fair queue: a pool, or an LLM that
+        declares a capacity (the others go straight on)."""
+        return self.pool is not None or self.targets[0].max_concurrency is not None
+
+    def target(self, name: str) -> Target:
+        return next(t for t in self.targets + self.asleep if t.name == name)
 
 
 @dataclass(slots=True)
@@ -40,11 +73,13 @@ class Reply:
 # Built once with a bound parameter, so it is compiled and cache-keyed once,
 # and run on the session's connection, skipping the ORM layer: this is the
 # per-inference read.
-_TARGET_QUERY = (
-    sa.select(Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key,
-              Llm.provider_session_id, PublisherSession.owner)
-    .outerjoin(PublisherSession, PublisherSession.id == Llm.provider_session_id)
-    .where(Llm.name == sa.bindparam("name")))
+_TARGET_COLUMNS = sa.select(
+    Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key, Llm.provider_session_id,
+    PublisherSession.owner, Llm.max_concurrency).outerjoin(
+    PublisherSession, PublisherSession.id == Llm.provider_session_id)
+_TARGET_QUERY = _TARGET_COLUMNS.where(Llm.name == sa.bindparam("name"))
+_POOL_QUERY = _TARGET_COLUMNS.where(Llm.model == sa.bindparam("model"),
+                                    Llm.status != Status.INACTIVE).order_by(Llm.name)
 
 
 def resolve(session, name: str) -> Target:
@@ -53,6 +88,33 @@ def resolve(session, name: str) -> Target:
     if row is None:
         raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
     return Target(*row)
+
+
+def route(session, name: str, is_live) -> Route:
+    """Where `name` runs: an LLM's name, or `pool:<model>`. Raises NotFound
+    (no such LLM; no row serves the model), Unavailable (`pool_unavailable`:
+    no member can answer now). `is_live(session_id)` tells a live publisher."""
+    if not name.startswith(POOL_PREFIX):
+        return Route.single(resolve(session, name))
+    model = name[len(POOL_PREFIX):]
+    targets = [Target(*row) for row in session.connection().execute(_POOL_QUERY, {"model": model})]
+    return pool_route(model, targets, is_live, known=bool(targets) or _model_known(session, model))
+
+
+def pool_route(model: str, targets: list[Target], is_live, known: bool = True) -> Route:
+    """The pool of `targets` (the rows serving `model` that are not inactive)."""
+    awake = tuple(t for t in targets if t.kind == Kind.PUBLIC or (
+        t.status == Status.ACTIVE and t.session_id and is_live(t.session_id)))
+    asleep = tuple(t for t in targets if t.kind == Kind.VIRTUAL and t.status == Status.HIBERNATING)
+    if not awake and not asleep:
+        if not known:
+            raise NotFound(f"No LLM serves model '{model}'", code="model_not_found")
+        raise Unavailable(f"No member of pool '{model}' can answer now", code="pool_unavailable")
+    return Route(POOL_PREFIX + model, awake, asleep, pool=model)
+
+
+def _model_known(session, model: str) -> bool:
+    return session.scalar(sa.select(sa.exists().where(Llm.model == model)))
 
 
 def sse_event(payload: bytes) -> bytes:

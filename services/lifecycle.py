@@ -62,7 +62,7 @@ def register(session, caller, session_id, llms, agents, now):
 
         llm_rows = []
         for spec in llms:
-            spec = dict(spec)
+            spec = {"max_concurrency": None, **spec}  # the payload is the row's whole truth
             status = spec.pop("initial_status", Status.ACTIVE)
             llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
         session.flush()  # the agents below may pin the LLMs just inserted

@@ -5,7 +5,7 @@ import sqlalchemy as sa
 
 from models import Agent, Kind, Llm, Status
 from services import rows
-from services.errors import Conflict
+from services.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,26 @@ def is_usable(llm: Llm, is_live) -> bool:
     if llm.kind != Kind.VIRTUAL or llm.status == Status.HIBERNATING:
         return True
     return bool(llm.provider_session_id) and is_live(llm.provider_session_id)
+
+
+def pools(usable_llms: list[Llm]) -> dict[str, list[Llm]]:
+    """{model: its usable rows}: the pools (`pool:<model>`) that can answer now."""
+    by_model: dict[str, list[Llm]] = {}
+    for llm in usable_llms:
+        by_model.setdefault(llm.model, []).append(llm)
+    return dict(sorted(by_model.items()))
+
+
+def pool_is_usable(session, model: str, is_live) -> bool:
+    rows = session.scalars(sa.select(Llm).where(Llm.model == model,
+                                                Llm.status != Status.INACTIVE))
+    return any(is_usable(llm, is_live) for llm in rows)
+
+
+def get_pool_model(session, model: str) -> None:
+    """Raises NotFound when no row serves `model`."""
+    if not session.scalar(sa.select(sa.exists().where(Llm.model == model))):
+        raise NotFound(f"No LLM serves model '{model}'", code="model_not_found")
 
 
 def get_llm(session, name: str) -> Llm:

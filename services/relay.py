@@ -3,16 +3,23 @@
 The virtual path is the seeds' state machine: `inactive` → 503; no live
 publisher session → 503 at once; `hibernating` → one shared wake task first;
 then an `infer` task whose outcome (or chunks) comes back through the bus.
+
+A pool, or an LLM that declares a capacity, is *scheduled*: the request
+first takes a turn in the bus's fair queue (DESIGN.md, "Pools, capacity and
+the fair queue"), on the member with the most room; a waiting stream hears
+`: queued, position N` now and then. A pool member that fails before the
+first byte reached the client is tried once more, on another member.
 """
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
-from jsonio import dumps
+from jsonio import dumps, loads
 from models import Kind, Status
-from services.bus.base import publisher_offline
+from services.bus.base import Member, publisher_offline
 from services.errors import BadGateway, ClientGone, ServiceError, Unavailable, envelope
-from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Target, sse_event
+from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Route, Target, sse_event
 from services.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,8 @@ class Timeouts:
     wake: float
     keepalive: float
     max_pending: int
+    queue: float = 60.0
+    max_queued_per_token: int = 32
 
     @classmethod
     def from_config(cls, config):
@@ -38,7 +47,16 @@ class Timeouts:
                    stream_idle=float(config["STREAM_IDLE_TIMEOUT"]),
                    wake=float(config["WAKE_TIMEOUT"]),
                    keepalive=float(config["STREAM_KEEPALIVE"]),
-                   max_pending=int(config["MAX_PENDING_PER_LLM"]))
+                   max_pending=int(config["MAX_PENDING_PER_LLM"]),
+                   queue=float(config["QUEUE_TIMEOUT"]),
+                   max_queued_per_token=int(config["MAX_QUEUED_PER_TOKEN"]))
+
+
+# Failures of a pool member before anything reached the client that another
+# member may not share: it is tried once more elsewhere.
+FAILOVER_CODES = frozenset({"publisher_error", "publisher_lost", "publisher_disconnected",
+                            "publisher_offline", "pickup_timeout", "task_not_acknowledged",
+                            "wake_failed", "upstream_unreachable"})
 
 
 class Relay:
@@ -51,34 +69,53 @@ class Relay:
     def from_config(cls, config, bus):
         return cls(bus, Upstream.from_config(config), Timeouts.from_config(config))
 
-    def infer(self, target: Target, body: dict, client_connected=None) -> Reply:
-        """Run a chat-completions body on the target LLM (its `model` replaces
-        the body's). `client_connected()`, when given, is asked now and then
-        while a non-streamed request waits: a client that hung up cancels
-        its task (ClientGone). Raises Unavailable (503: inactive, publisher
-        offline), TooManyRequests (429), GatewayTimeout (504), BadGateway (502)."""
+    def infer(self, route: Route | Target, body: dict, client_connected=None,
+              token: str = "") -> Reply:
+        """Run a chat-completions body on the route's LLM, or on a member of
+        its pool (the member's `model` replaces the body's). `token` is the
+        caller, for the fair queue's turns. `client_connected()`, when given,
+        is asked now and then while a non-streamed request waits: a client
+        that hung up cancels its task (ClientGone). Raises Unavailable (503:
+        inactive, publisher offline, queue timeout), TooManyRequests (429),
+        GatewayTimeout (504), BadGateway (502)."""
+        if isinstance(route, Target):
+            route = Route.single(route)
+        if not route.scheduled:
+            return self._run(route.targets[0], body, client_connected)
+        if body.get("stream") is True:
+            return self._scheduled_stream(route, body, token, client_connected)
+        return self._scheduled(route, body, client_connected, token)
+
+    def _run(self, target: Target, body: dict, client_connected=None,
+             counted: bool = True) -> Reply:
+        """One attempt on one LLM. `counted`: whether the request still has
+        to count against the LLM's pending limit (a scheduled one was counted
+        by the fair queue)."""
         body = {**body, "model": target.model}
         if target.kind == Kind.PUBLIC:
-            return self._forward(target, body)
+            return self._forward(target, body, counted)
         self._check_available(target)
         if body.get("stream") is True:
-            return self._stream(target, body)
+            return self._stream(target, body, counted)
         interval = CLIENT_CHECK_INTERVAL if client_connected else None
         if target.status == Status.HIBERNATING:
-            with contextlib.closing(self._wake(target, interval)) as waking:
+            with contextlib.closing(self._wake(target, interval, counted)) as waking:
                 for _ in waking:
                     _check_client(client_connected)
         task = {"kind": "infer", "llm": target.name, "streaming": False, "body": body}
-        with self.bus.open_task(target.session_id, task, **self._task_args(target)) as task_id:
+        with self.bus.open_task(target.session_id, task,
+                                **self._task_args(target, counted=counted)) as task_id:
             while (outcome := self.bus.wait_result(task_id, interval)) is None:
                 _check_client(client_connected)
         return self._outcome_reply(target, outcome)
 
     # -- internals -----------------------------------------------------------
 
-    def _forward(self, target, body):
+    def _forward(self, target, body, counted=True):
         """To the upstream, within MAX_PENDING_PER_LLM requests in flight (on
         every worker); a stream holds its slot until it is closed."""
+        if not counted:
+            return self.upstream.forward(target, body)
         slot = self.bus.acquire_slot(target.name, self.timeouts.max_pending)
         try:
             reply = self.upstream.forward(target, body)
@@ -101,19 +138,21 @@ class Relay:
         if not target.session_id:
             raise publisher_offline(target.name)
 
-    def _task_args(self, target, timeout=None, share_key=None):
-        return {"llm": target.name, "owner": target.owner, "limit": self.timeouts.max_pending,
+    def _task_args(self, target, timeout=None, share_key=None, counted=True):
+        return {"llm": target.name, "owner": target.owner,
+                "limit": self.timeouts.max_pending if counted else None,
                 "pickup_timeout": self.timeouts.pickup,
                 "timeout": timeout or self.timeouts.infer, "share_key": share_key,
                 "require_live": True}
 
-    def _wake(self, target, keepalive):
+    def _wake(self, target, keepalive, counted=True):
         """Wake the LLM (sharing an in-flight wake), yielding None every
         `keepalive` seconds while waiting. Raises BadGateway on failure; the
         row stays hibernating (the result view flips it on success)."""
         task = {"kind": "wake", "llm": target.name}
         args = self._task_args(target, self.timeouts.wake,
-                               share_key=f"wake:{target.session_id}:{target.name}")
+                               share_key=f"wake:{target.session_id}:{target.name}",
+                               counted=counted)
         with self.bus.open_task(target.session_id, task, **args) as task_id:
             log.info("waiting for LLM %s to wake (task %s)", target.name, task_id)
             while (outcome := self.bus.wait_result(task_id, keepalive)) is None:
@@ -133,10 +172,10 @@ class Relay:
                              code="publisher_error")
         return Reply(int(outcome["status"]), outcome.get("body"))
 
-    def _stream(self, target, body):
+    def _stream(self, target, body, counted=True):
         """Hold the response headers until the first event (at most one
         keep-alive interval), so early failures keep their HTTP status."""
-        events = self._stream_events(target, body)
+        events = self._stream_events(target, body, counted)
         try:
             first = next(events, None)
         except BaseException:
@@ -150,13 +189,14 @@ class Relay:
         return Reply(200, stream=self._sse(target, first, events),
                      content_type="text/event-stream")
 
-    def _stream_events(self, target, body):
+    def _stream_events(self, target, body, counted=True):
         """('keepalive', None) | ('chunks', [str]) | ('outcome', dict), until the stream ends."""
         if target.status == Status.HIBERNATING:
-            for _ in self._wake(target, self.timeouts.keepalive):
+            for _ in self._wake(target, self.timeouts.keepalive, counted):
                 yield ("keepalive", None)
         task = {"kind": "infer", "llm": target.name, "streaming": True, "body": body}
-        with self.bus.open_task(target.session_id, task, **self._task_args(target)) as task_id:
+        with self.bus.open_task(target.session_id, task,
+                                **self._task_args(target, counted=counted)) as task_id:
             while True:
                 chunks, done, outcome = self.bus.next_chunks(
                     task_id, self.timeouts.stream_idle, self.timeouts.keepalive)
@@ -194,6 +234,164 @@ class Relay:
         message = outcome.get("error") or f"status {outcome.get('status')}"
         return envelope(f"The publisher of LLM '{target.name}' failed: {message}",
                         BadGateway.type, "publisher_error")
+
+
+    # -- the fair queue and failover --------------------------------------------
+
+    def _scheduled(self, route, body, client_connected, token):
+        failed = None  # the member that failed before the first byte (once)
+        while True:
+            place = self._enter(route, token, failed)
+            try:
+                while not self.bus.wait_turn(place, CLIENT_CHECK_INTERVAL):
+                    _check_client(client_connected)
+                reply = self._run(route.target(place.member), body, client_connected,
+                                  counted=False)
+            except ServiceError as exc:
+                if self._fail_over(route, exc, failed, place.member):
+                    failed = place.member
+                    continue
+                raise
+            finally:
+                self.bus.leave_queue(place)
+            if self._fail_over(route, reply, failed, place.member):
+                failed = place.member
+                continue
+            return reply
+
+    def _scheduled_stream(self, route, body, token, client_connected):
+        """A stream whose turn comes at once is answered as any stream (its
+        headers wait for its first event); one that must wait is committed
+        to 200 now and hears where it stands in the queue."""
+        failed = None
+        while True:
+            place = self._enter(route, token, failed)
+            if place.member is None:
+                break
+            try:
+                reply = self._granted_stream(route, body, place)
+            except ServiceError as exc:
+                if self._fail_over(route, exc, failed, place.member):
+                    failed = place.member
+                    continue
+                raise
+            if self._fail_over(route, reply, failed, place.member):
+                failed = place.member
+                continue
+            return reply
+        holder = {"place": place}
+        return Reply(200, stream=_ClosingStream(
+            self._queued_stream(route, body, token, holder, failed, client_connected),
+            lambda: self.bus.leave_queue(holder["place"])), content_type="text/event-stream")
+
+    def _granted_stream(self, route, body, place):
+        """Run the stream on the member the place was granted; the turn is
+        given back when the stream closes (or at once, if it never opened)."""
+        try:
+            reply = self._run(route.target(place.member), body, counted=False)
+        except BaseException:
+            self.bus.leave_queue(place)
+            raise
+        if reply.stream is None:
+            self.bus.leave_queue(place)
+        else:
+            reply.stream = _ClosingStream(reply.stream, lambda: self.bus.leave_queue(place))
+        return reply
+
+    def _queued_stream(self, route, body, token, holder, failed, client_connected):
+        """The SSE bytes of a stream that waits for its turn: `: queued,
+        position N` at once and every keep-alive interval, then the stream
+        itself; a failure is its last event. `holder["place"]` is the place
+        held now (another one after a failover). A client that left gives its
+        place up within CLIENT_CHECK_INTERVAL."""
+        place = holder["place"]
+        check_every = CLIENT_CHECK_INTERVAL if client_connected else self.timeouts.keepalive
+        try:
+            while True:
+                yield _queued_comment(place)
+                said = time.monotonic()
+                while not self.bus.wait_turn(place, min(check_every, self.timeouts.keepalive)):
+                    _check_client(client_connected)
+                    if time.monotonic() - said >= self.timeouts.keepalive:
+                        yield _queued_comment(place)
+                        said = time.monotonic()
+                try:
+                    reply = self._run(route.target(place.member), body, counted=False)
+                except ServiceError as exc:
+                    if not self._fail_over(route, exc, failed, place.member):
+                        raise
+                    reply = None
+                if reply is not None and not self._fail_over(route, reply, failed, place.member):
+                    if reply.stream is None:  # the backend answered with an error status
+                        yield sse_event(dumps(_reply_error(route, reply)))
+                        return
+                    try:
+                        yield from reply.stream
+                    finally:
+                        reply.stream.close()
+                    return
+                self.bus.leave_queue(place)
+                failed = place.member
+                place = holder["place"] = self._enter(route, token, failed)
+        except ServiceError as exc:  # headers are gone: the last event says what happened
+            yield sse_event(dumps(envelope(exc.message, exc.type, exc.code)))
+        finally:
+            self.bus.leave_queue(place)
+
+    def _enter(self, route, token, failed):
+        """A place in the route's fair queue, on its awake members but the
+        one that failed; on a hibernating one (woken) when none is awake."""
+        members = [t for t in route.targets if t.name != failed]
+        if not members:
+            members = [t for t in route.asleep if t.name != failed][:1]
+        if not members:
+            raise Unavailable(f"No member of {route.label} can answer now",
+                              code="pool_unavailable")
+        single = members[0]
+        if route.pool is None and single.kind == Kind.VIRTUAL:
+            # One LLM: offline is a 503 at once, not a wait in line.
+            self._check_available(single)
+            if not self.bus.is_live(single.session_id):
+                raise publisher_offline(single.name)
+        return self.bus.enter_queue(
+            route.queue, token, [Member(t.name, t.max_concurrency, t.session_id)
+                                 for t in members],
+            limit=self.timeouts.max_pending, per_token=self.timeouts.max_queued_per_token,
+            timeout=self.timeouts.queue)
+
+    def _fail_over(self, route, failure, failed, member) -> bool:
+        """Whether to try another member: a pool, a first failure before the
+        first byte (an error, or an answer of status 5xx), and another member."""
+        if route.pool is None or failed is not None:
+            return False
+        if isinstance(failure, Reply):
+            if failure.stream is not None or failure.status < 500:
+                return False
+        elif getattr(failure, "code", None) not in FAILOVER_CODES:
+            return False
+        others = [t for t in route.targets + route.asleep if t.name != member]
+        if others:
+            log.warning("%s: member %s failed before the first byte; trying another",
+                        route.label, member)
+        return bool(others)
+
+
+def _queued_comment(place) -> bytes:
+    return f": queued, position {place.position}\n\n".encode()
+
+
+def _reply_error(route, reply) -> dict:
+    """An answer with an error status, as a stream's last event."""
+    body = reply.body
+    if isinstance(body, bytes | str):
+        try:
+            body = loads(body)
+        except ValueError:
+            body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body
+    return envelope(f"{route.label} answered status {reply.status}", BadGateway.type,
+                    "upstream_error")
 
 
 def _check_client(client_connected):

@@ -617,7 +617,7 @@ def test_v1_models_lists_usable_agents_with_the_agent_prefix(app, agent, admin, 
                            .values(kind="virtual", status=Status.INACTIVE))
         db.session.commit()
     ids = [m["id"] for m in client.get("/v1/models", headers=auth("client")).json["data"]]
-    assert ids == ["up", "agent:reviewer"]
+    assert ids == ["up", "pool:gpt-x", "agent:reviewer"]
 
 
 def test_v1_chat_completions_through_an_agent_applies_its_persona(agent, client, auth, upstream):

@@ -136,7 +136,7 @@ def test_v1_models_lists_usable_llms_by_name(app, client, auth, llm):
     response = client.get("/v1/models", headers=auth("client"))
     assert response.status_code == 200
     assert response.json["object"] == "list"
-    assert [m["id"] for m in response.json["data"]] == ["gpt-x"]
+    assert [m["id"] for m in response.json["data"]] == ["gpt-x", "pool:row-model"]
     model = response.json["data"][0]
     assert model["object"] == "model"
     assert isinstance(model["created"], int)

@@ -5,6 +5,7 @@ start-up with a clear message; the migration encrypts keys stored before."""
 import os
 import stat
 import threading
+import uuid
 
 import flask_migrate
 import pytest
@@ -16,7 +17,7 @@ from cryptography.fernet import Fernet
 import settings
 from app import create_app
 from extensions import db
-from models import Kind, Llm
+from models import Kind, Llm, utcnow
 from services.api_keys import SecretKeyError
 from tests.support import stack
 
@@ -225,9 +226,14 @@ def before_encryption(tmp_path):
     app = create_app({"SQLALCHEMY_DATABASE_URI": stack.sqlalchemy_url(url)})
     with app.app_context():
         flask_migrate.upgrade(revision=BEFORE_ENCRYPTION)
-        db.session.add_all([Llm(name="keyed", model="m", url=UPSTREAM, kind=Kind.PUBLIC,
-                                api_key=SECRET),
-                            Llm(name="keyless", model="m", url=UPSTREAM, kind=Kind.PUBLIC)])
+        # Rows as that revision stores them (the models describe the head's tables).
+        for name, api_key in (("keyed", SECRET), ("keyless", None)):
+            db.session.execute(sa.text(
+                "INSERT INTO llm (id, name, type, model, url, tier, description, api_key, "
+                "extra_config, created_at, updated_at, kind, status, version) VALUES (:id, "
+                ":name, 'openai', 'm', :url, 'fast', '', :key, '{}', :now, :now, 'public', "
+                "'active', 1)"), {"id": uuid.uuid4().hex, "name": name, "url": UPSTREAM,
+                                  "key": api_key, "now": utcnow()})
         db.session.commit()
     yield app
     with app.app_context():

@@ -67,7 +67,8 @@ def test_models_lists_public_llms_live_virtual_llms_and_hibernating_ones(
     register(client, auth, "live-one", ("live-asleep", "hibernating"))
     add_rows(app, orphaned_llm("orphan-active"), orphaned_llm("orphan-asleep", "hibernating"),
              orphaned_llm("gone", Status.INACTIVE))
-    assert model_ids(client, auth) == ["gpt-x", "live-asleep", "live-one", "orphan-asleep"]
+    assert model_ids(client, auth) == ["gpt-x", "live-asleep", "live-one", "orphan-asleep",
+                                       "pool:m"]
 
 
 def test_models_lists_agents_only_on_usable_llms(app, client, auth, admin, public_llm):
@@ -75,13 +76,14 @@ def test_models_lists_agents_only_on_usable_llms(app, client, auth, admin, publi
     admin("POST", "/agents", {"name": "reviewer", "llm": "gpt-x"})
     add_rows(app, orphaned_llm("orphan"))
     admin("POST", "/agents", {"name": "stranded", "llm": "orphan"})
-    assert model_ids(client, auth) == ["gpt-x", "live-one", "agent:helper", "agent:reviewer"]
+    assert model_ids(client, auth) == ["gpt-x", "live-one", "pool:m", "agent:helper",
+                                       "agent:reviewer"]
 
 
 def test_a_disconnected_publishers_llms_leave_the_list(client, auth, public_llm):
     session_id = register(client, auth, "live-one")
     client.delete(f"/api/v1/publishers/{session_id}", headers=auth("publisher"))
-    assert model_ids(client, auth) == ["gpt-x"]
+    assert model_ids(client, auth) == ["gpt-x", "pool:m"]
 
 
 # -- GET /v1/models/<id> ---------------------------------------------------------

@@ -29,13 +29,14 @@ def test_register_sends_the_llms_and_the_bearer_token(make_config, mocked):
     assert sent_json(call) == {
         "session_id": None,
         "llms": [{"name": "vllm-local", "type": "openai", "model": "qwen", "tier": "fast",
-                  "initial_status": "active"}],
+                  "max_concurrency": 4, "initial_status": "active"}],
     }
 
 
 def test_register_keeps_backend_settings_local(make_config, mocked):
-    """url, api key, max_concurrency and the wake recipe never reach the server
-    (it rejects unknown fields, and the key is a secret)."""
+    """url, api key and the wake recipe never reach the server (it rejects
+    unknown fields, and the key is a secret); max_concurrency does: it is the
+    row's capacity there."""
     mocked.get(f"{BACKEND}/models", json={"data": []})
     mocked.post(f"{API}/publishers/register", json=register_reply(), status=201)
     config = make_config(environ={"VLLM_KEY": "sk-secret"},
@@ -47,7 +48,7 @@ def test_register_keeps_backend_settings_local(make_config, mocked):
     sent = sent_json(calls_to(mocked, "POST", "/register")[0])["llms"][0]
     assert sent == {"name": "vllm-local", "type": "openai", "model": "m",
                     "description": "the GPU box", "extra_config": {"ctx": 8192},
-                    "initial_status": "active"}
+                    "max_concurrency": 2, "initial_status": "active"}
     assert "sk-secret" not in calls_to(mocked, "POST", "/register")[0].request.body.decode()
 
 
