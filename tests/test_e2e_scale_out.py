@@ -224,7 +224,7 @@ def test_a_worker_killed_mid_traffic_loses_only_its_requests(live_server_factory
     assert len(child_pids(server.process.pid)) == 2
     with ThreadPoolExecutor(limit) as pool:
         # Requests until both workers hold some (the kernel picks the worker).
-        pending = []
+        pending, holders = [], []
         while len(pending) < 4 or len(set(holders)) < 2:
             assert len(pending) < limit, "every request landed on one worker"
             pending.append(pool.submit(_infer_or_error, server, "steady"))

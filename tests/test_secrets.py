@@ -17,7 +17,7 @@ from cryptography.fernet import Fernet
 import settings
 from app import create_app
 from extensions import db
-from models import Kind, Llm, utcnow
+from models import Llm, utcnow
 from services.api_keys import SecretKeyError
 from tests.support import stack
 

@@ -4,7 +4,7 @@ model or route answers."""
 import pytest
 
 from extensions import db
-from models import Agent, Kind, Llm, Status
+from models import Kind, Llm, Status
 
 UPSTREAM = "http://upstream.test/v1"
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
