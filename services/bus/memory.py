@@ -101,7 +101,7 @@ class _Queue:
     served least recently goes first (one that was never served: in order of
     arrival), so tokens take turns and a heavy one cannot starve a light one."""
 
-    __slots__ = ("waiting", "last_served", "seq", "members", "turn", "places")
+    __slots__ = ("waiting", "last_served", "seq", "members", "places")
 
     def __init__(self):
         self.places = 0  # entered and not yet left: waiting or granted
@@ -109,7 +109,6 @@ class _Queue:
         self.last_served: dict[str, int] = {}
         self.seq = 0   # counts arrivals and grants: the order of events
         self.members: dict = {}
-        self.turn = 0  # ties between equally free members are broken in turn
 
     def tick(self) -> int:
         self.seq += 1
@@ -138,6 +137,7 @@ class MemoryTaskBus(TaskBus):
         self._queues: dict[str, _Queue] = {}
         self._entries: dict[str, _Entry] = {}   # place entry id -> entry, until it leaves
         self._in_use: collections.Counter = collections.Counter()  # member -> turns granted
+        self._turns: collections.Counter = collections.Counter()   # queue -> ties broken
 
     # -- client side -------------------------------------------------------
 
@@ -266,7 +266,7 @@ class MemoryTaskBus(TaskBus):
             q.places += 1
             q.members = {m.name: m for m in members}
             entry = _Entry(Place(queue, new_id(), token, timeout, now + timeout), q.tick())
-            if not q.waiting and (member := self._choose(q, now)) is not None:
+            if not q.waiting and (member := self._choose(queue, q, now)) is not None:
                 self._grant(q, entry, member)
             else:
                 q.waiting.setdefault(token, collections.deque()).append(entry)
@@ -476,7 +476,7 @@ class MemoryTaskBus(TaskBus):
     def _live(self, session, now):
         return session.polls_held > 0 or now - session.last_seen < self.session_liveness
 
-    def _choose(self, q, now):
+    def _choose(self, queue, q, now):
         """The live member with the most free capacity, in proportion to its
         declared capacity (DEFAULT_WEIGHT without one); ties in turn. None
         when every live member is full."""
@@ -496,8 +496,8 @@ class MemoryTaskBus(TaskBus):
                 tied.append(member.name)
         if not tied:
             return None
-        q.turn += 1
-        return sorted(tied)[q.turn % len(tied)]
+        self._turns[queue] += 1  # ties between equally free members are broken in turn
+        return sorted(tied)[self._turns[queue] % len(tied)]
 
     def _grant(self, q, entry, member):
         entry.place.member = member
@@ -517,7 +517,7 @@ class MemoryTaskBus(TaskBus):
             if now >= entry.place.deadline:  # its waiter will say so; it waits no more
                 self._unqueue_entry(q, entry)
                 continue
-            member = self._choose(q, now)
+            member = self._choose(queue, q, now)
             if member is None:
                 return
             fifo.popleft()
