@@ -32,3 +32,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.held_polls
 	$(BIN)/python -m bench.gc_sweep
+	$(BIN)/python -m bench.pool

@@ -1,7 +1,7 @@
 """A fast fake OpenAI-compatible upstream: raw asyncio, keep-alive, fixed
 small answers. Run as its own process:
 
-    python -m bench.fake_upstream --port 9100
+    python -m bench.fake_upstream --port 9100 [--delay 0.6]
 
 `POST /v1/chat/completions` answers one chat.completion, or with
 `"stream": true` a chunked SSE body of CHUNKS chat.completion.chunk events
@@ -64,6 +64,8 @@ BAD_REQUEST_RESPONSE = _http(b"400 Bad Request", b"application/json",
 class UpstreamProtocol(asyncio.Protocol):
     """HTTP/1.1 with Content-Length bodies, pipelining-safe, keep-alive."""
 
+    delay = 0.0  # seconds before each answer (`--delay`: a model's pace)
+
     def connection_made(self, transport):
         self.transport = transport
         self.buffer = bytearray()
@@ -85,7 +87,15 @@ class UpstreamProtocol(asyncio.Protocol):
                 return
             body = bytes(self.buffer[end + 4:total])
             del self.buffer[:total]
-            self.transport.write(self.answer(head, body))
+            if self.delay:
+                asyncio.get_running_loop().call_later(
+                    self.delay, self._write, self.answer(head, body))
+            else:
+                self.transport.write(self.answer(head, body))
+
+    def _write(self, data: bytes):
+        if not self.transport.is_closing():
+            self.transport.write(data)
 
     @staticmethod
     def answer(head: bytes, body: bytes) -> bytes:
@@ -116,7 +126,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds before each answer (default 0: at once)")
     args = parser.parse_args(argv)
+    UpstreamProtocol.delay = args.delay
     asyncio.run(serve(args.host, args.port))
 
 

@@ -42,11 +42,12 @@ def child_pids(pid: int) -> list[int]:
 class FakeUpstream:
     """`python -m bench.fake_upstream` in its own process."""
 
-    def __init__(self):
+    def __init__(self, delay: float = 0.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_upstream", "--port", str(self.port)],
+            [sys.executable, "-m", "bench.fake_upstream", "--port", str(self.port),
+             "--delay", str(delay)],
             cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if line.strip() != "ready":
