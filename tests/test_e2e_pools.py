@@ -65,12 +65,14 @@ class Gauge:
                 if release is not None:
                     release.wait(15)
                 time.sleep(delay)  # the backend's own pace, not an ordering of the test
-                body = reply or {"object": "chat.completion", "choices": [
-                    {"message": {"role": "assistant", "content": publisher.llms[0]["name"]}}]}
-                publisher.result(task["task_id"], status=200, body=body)
             finally:
+                # Done before the result is posted: the server frees the slot as the result
+                # arrives, so the next task may reach us before that post has returned.
                 with self.lock:
                     self.now -= 1
+            body = reply or {"object": "chat.completion", "choices": [
+                {"message": {"role": "assistant", "content": publisher.llms[0]["name"]}}]}
+            publisher.result(task["task_id"], status=200, body=body)
         return handle
 
 
