@@ -40,6 +40,11 @@ ERROR_MEANINGS = {
 }
 # Any request may meet these: a NUL in its URL, an unreachable database or bus.
 ALWAYS = (400, 503)
+# One server-sent event of a stream (schemathesis checks each against this).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a chunk's JSON, `[DONE]` (inference), or an "
+                                              "error envelope (a failure after the start)"},
+    "event": {"type": "string"}}}
 RELAYED = (404, 429, 502, 503, 504)  # an inference, on its way to an upstream or a publisher
 
 
@@ -207,7 +212,7 @@ def _operation(op: Operation, path_names: list[str]) -> dict:
     else:
         content = {JSON: {"schema": _schema_ref(op.answer)}}
         if op.stream:
-            content[SSE] = {"schema": {"type": "string"}}
+            content[SSE] = {"schema": SSE_EVENT}
         responses[str(op.ok)] = {"description": op.summary, "content": content}
     statuses = set(ALWAYS) | set(op.errors)
     if not op.open:
@@ -243,6 +248,12 @@ def _portable_pattern(_converter, _field, ret, **_):
     return {}
 
 
+def _documented_overrides(_converter, field, **_):
+    """A field's `metadata={"openapi": {...}}` has the last word on its document
+    (what a custom validator checks and marshmallow cannot describe)."""
+    return field.metadata.get("openapi", {})
+
+
 def build_document(url_map, version: str) -> dict:
     """The document of every documented route of `url_map` under
     DOCUMENTED_PREFIXES (routes without an entry in OPERATIONS are left out)."""
@@ -254,6 +265,7 @@ def build_document(url_map, version: str) -> dict:
                        "`Error`.")},
                    security=[{"bearer": []}])
     plugin.converter.add_attribute_function(_portable_pattern)
+    plugin.converter.add_attribute_function(_documented_overrides)
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema("Error", schema=views.ErrorSchema)
     paths: dict[str, dict] = {}
