@@ -21,6 +21,7 @@ def create_app(config=None, instance_path=None):
     app.json = OrjsonProvider(app)
     settings.load(app, config)
     register_extensions(app)
+    register_instrumentation(app)
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
@@ -49,6 +50,13 @@ def register_extensions(app):
     app.extensions["schema_check"] = SchemaCheck(os.path.join(app.root_path, "migrations"))
     app.extensions["api_key_cipher"] = ApiKeyCipher.from_config(app.config)
     app.extensions["task_bus"] = create_bus(app.config)
+
+
+def register_instrumentation(app):
+    """Request ids, the access line, metrics and usage (SWITCHBOARD_INSTRUMENT)."""
+    from blueprints.instrumentation import Instrumentation
+
+    Instrumentation(app)
 
 
 def register_cors(app):
@@ -86,8 +94,8 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 
 def register_blueprints(app):
-    from blueprints import (agents, chat, common, health, infer, llms, openai_compat, projects,
-                            prompts, publishers)
+    from blueprints import (agents, chat, common, health, infer, llms, openai_compat, operations,
+                            projects, prompts, publishers)
 
     app.before_request(common.refuse_nul_in_url)
     app.before_request(common.require_migrated_schema)
@@ -95,11 +103,12 @@ def register_blueprints(app):
     api = Blueprint("api", __name__, url_prefix="/api/v1")
     api.before_request(common.authenticate_request)
     for child in (llms.bp, infer.bp, publishers.bp, agents.bp, projects.bp, prompts.bp,
-                  chat.bp):
+                  chat.bp, operations.bp):
         api.register_blueprint(child)
     app.register_blueprint(api)
     app.register_blueprint(openai_compat.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(operations.metrics_bp)
     app.before_request(common.authenticate_unmatched)
 
 

@@ -1,6 +1,7 @@
 from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 
+from blueprints import instrumentation
 from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db, relay
 from jsonio import dumps
@@ -36,8 +37,9 @@ def run_inference(name: str, body: dict) -> Response:
     """Run `body` on an LLM or, for `pool:<model>`, on a member of the pool."""
     route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live)
     db.session.close()  # hold no pooled connection while the relay waits
-    return to_response(relay().infer(
-        route, body, client_connected=peer_connected(request.environ), token=caller().id))
+    instrumentation.note_inference(route, body)
+    return to_response(instrumentation.note_reply(relay().infer(
+        route, body, client_connected=peer_connected(request.environ), token=caller().id)))
 
 
 def to_response(reply: inference.Reply) -> Response:
