@@ -68,7 +68,7 @@ def register_cors(app):
         cors.init_app(app, resources=[r"/v1/*", r"/api/v1/*"], origins=origins,
                       allow_headers=["Authorization", "Content-Type"],
                       methods=["GET", "POST", "PATCH", "DELETE"],
-                      expose_headers=["Retry-After"], max_age=600)
+                      expose_headers=["Retry-After", "X-Request-Id"], max_age=600)
 
 
 def _create_private_sqlite_file(uri):

@@ -37,9 +37,8 @@ def run_inference(name: str, body: dict) -> Response:
     """Run `body` on an LLM or, for `pool:<model>`, on a member of the pool."""
     route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live)
     db.session.close()  # hold no pooled connection while the relay waits
-    instrumentation.note_inference(route, body)
-    return to_response(instrumentation.note_reply(relay().infer(
-        route, body, client_connected=peer_connected(request.environ), token=caller().id)))
+    return to_response(instrumentation.observed(relay()).infer(
+        route, body, client_connected=peer_connected(request.environ), token=caller().id))
 
 
 def to_response(reply: inference.Reply) -> Response:

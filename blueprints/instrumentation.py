@@ -14,6 +14,7 @@ from flask import g, request
 
 import settings
 from services import metrics, request_ids, usage
+from services.inference import Route, Target
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("switchboard.access")
@@ -128,11 +129,28 @@ def _record() -> RequestRecord | None:
     return g.get("record")
 
 
+def observed(relay):
+    """The relay, its inferences counted as this request's (metrics, usage)."""
+    return _ObservedRelay(relay) if _record() is not None else relay
+
+
+class _ObservedRelay:
+    def __init__(self, relay):
+        self._relay = relay
+
+    def infer(self, route, body, **kwargs):
+        note_inference(route, body)
+        return note_reply(self._relay.infer(route, body, **kwargs))
+
+
 def note_inference(route, body: dict) -> None:
-    """The request runs an inference on `route` (services.inference.Route)."""
+    """The request runs an inference on `route` (a services.inference Route
+    or Target): its `llm` label is the LLM's name, or `pool:<model>`."""
     record = _record()
     if record is None:
         return
+    if isinstance(route, Target):
+        route = Route.single(route)
     record.llm = route.queue
     if route.pool is not None:
         record.kind = "pool"
