@@ -88,11 +88,10 @@ class Instrumentation:
         """The response is closed: record what the request did. Never raises."""
         try:
             duration = time.perf_counter() - record.started
-            metrics.requests_total.labels(metrics.route_label(record.route),
-                                          metrics.method_label(record.method),
-                                          str(record.status)).inc()
+            metrics.child(metrics.requests_total, metrics.route_label(record.route),
+                          metrics.method_label(record.method), str(record.status)).inc()
             if record.rejection is not None:
-                metrics.rejections_total.labels(record.rejection).inc()
+                metrics.child(metrics.rejections_total, record.rejection).inc()
             if record.llm is not None:
                 self._inference(record, duration)
             if self.access_log:
@@ -100,7 +99,7 @@ class Instrumentation:
                                 1000 * duration, f" llm={record.llm}" if record.llm else "",
                                 extra={"method": record.method, "path": record.path,
                                        "status": record.status,
-                                       "duration_ms": round(1000 * duration, 3),
+                                       "duration_ms": 1000 * duration,
                                        "llm": record.llm})
         except Exception:
             log.exception("could not record a request's metrics")
@@ -109,18 +108,20 @@ class Instrumentation:
 
     def _inference(self, record, duration):
         stream = "true" if record.stream else "false"
-        metrics.inference_seconds.labels(record.llm, record.kind, stream).observe(duration)
+        metrics.child(metrics.inference_seconds, record.llm, record.kind, stream).observe(
+            duration)
         if record.first_chunk is not None:
-            metrics.time_to_first_chunk_seconds.labels(record.llm, record.kind).observe(
+            metrics.child(metrics.time_to_first_chunk_seconds, record.llm, record.kind).observe(
                 record.first_chunk - record.started)
         if record.stream_tally is not None:
             tally = record.stream_tally.result(record.status, record.body)
         else:
             tally = record.tally or usage.Tally(error=record.status >= 400)
         if tally.prompt_tokens:
-            metrics.tokens_total.labels(record.llm, "prompt").inc(tally.prompt_tokens)
+            metrics.child(metrics.tokens_total, record.llm, "prompt").inc(tally.prompt_tokens)
         if tally.completion_tokens:
-            metrics.tokens_total.labels(record.llm, "completion").inc(tally.completion_tokens)
+            metrics.child(metrics.tokens_total, record.llm, "completion").inc(
+                tally.completion_tokens)
         if record.token_id is not None:
             self.usage.record(record.token_id, record.llm, tally)
 

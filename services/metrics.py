@@ -58,6 +58,21 @@ usage_dropped_total = Counter(
     registry=REGISTRY)
 
 
+def child(metric, *labels):
+    """`metric.labels(*labels)`, looked up once per label values (a request
+    makes several: the lookup is most of an increment's cost)."""
+    children = _children.get(metric)
+    if children is None:
+        children = _children[metric] = {}
+    found = children.get(labels)
+    if found is None:
+        found = children[labels] = metric.labels(*labels)
+    return found
+
+
+_children: dict = {}
+
+
 def route_label(rule: str | None) -> str:
     return rule if rule is not None else UNMATCHED_ROUTE
 

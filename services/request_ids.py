@@ -8,7 +8,7 @@ started for a request starts empty: hand it the id explicitly.
 """
 import contextvars
 import logging
-import uuid
+import os
 
 from marshmallow import ValidationError, fields, validate
 
@@ -30,7 +30,8 @@ def accept(header: str | None) -> str:
 
 
 def new() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (a uuid4's entropy, a third of its cost)."""
+    return os.urandom(16).hex()
 
 
 def current() -> str | None:
