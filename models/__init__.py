@@ -4,9 +4,10 @@ from models.chat import ChatMessage, ChatThread, MessageStatus
 from models.common import Kind, Role, Status, iso, new_id, utcnow
 from models.llm import Llm
 from models.token import ApiToken, PublisherSession
+from models.usage import UsageBucket
 
 __all__ = [
     "Agent", "ApiToken", "ChatMessage", "ChatThread", "Kind", "Llm", "MessageStatus",
     "Personality", "PersonalityPrompt", "Project", "Prompt", "PublisherSession", "Role",
-    "Status", "iso", "new_id", "utcnow",
+    "Status", "UsageBucket", "iso", "new_id", "utcnow",
 ]

@@ -96,6 +96,13 @@ POLL_QUERY = (
      "empty, makes the session acknowledging", "schema": {"type": "string"}},
 )
 
+USAGE_QUERY = tuple(
+    {"name": name, "in": "query", "required": False, "description": description,
+     "schema": {"type": "string", "format": "date-time"}}
+    for name, description in (
+        ("since", "ISO 8601 start of the window (default: 24 hours before `until`)"),
+        ("until", "ISO 8601 end of the window (default: now)")))
+
 OPERATIONS = {
     "openapi.openapi_document": Operation(
         "This document", answer=views.CompletionSchema, open=True),
@@ -161,6 +168,10 @@ OPERATIONS = {
     "api.publishers.post_chunks": Operation(
         "A batch of a streamed task's chunks", answer=views.AcceptedSchema, body=chunks,
         roles=("publisher",), errors=(404, 409, 410, 413, 429)),
+    # Operations
+    "api.operations.usage_view": Operation(
+        "Usage per token and LLM: every token's for an admin, else the caller's own",
+        answer=[views.UsageRowSchema], query=USAGE_QUERY),
     # Agents and chat
     "api.chat.list_threads": Read("The caller's threads with an agent (all, for an admin)",
                                   [views.ThreadViewSchema], item=True),

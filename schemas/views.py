@@ -189,6 +189,19 @@ class ModelListSchema(Schema):
     data = fields.List(fields.Nested(ModelSchema), required=True)
 
 
+class UsageRowSchema(Schema):
+    """One token × LLM over the window (GET /api/v1/usage)."""
+
+    token = Text(metadata={"description": "the token's name"})
+    llm = Text()
+    requests = fields.Integer(required=True, metadata={"description": "failures included"})
+    errors = fields.Integer(required=True)
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    estimated = fields.Boolean(required=True, metadata={
+        "description": "some count was estimated from a stream's chunks"})
+
+
 class CompletionSchema(Schema):
     """The backend's chat.completion (or its own error), passed on as it is."""
 

@@ -20,6 +20,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from jsonio import dumps, loads
+from services import request_ids
 from services.api_keys import ApiKeyCipher
 from services.errors import BadGateway, ServiceError, envelope
 from services.inference import SSE_KEEPALIVE, Reply, Target, sse_event
@@ -67,11 +68,14 @@ class Upstream:
         Raises ApiKeyUnreadable (the stored key does not decrypt).
         """
         data = dumps(body)
+        request_id = request_ids.current()  # a thread of its own would not see it
         if body.get("stream") is not True:
-            return self._open(target, data, streaming=False)
+            return self._open(target, data, streaming=False, request_id=request_id)
         if self.keepalive is None:
-            return self._stream_reply(target, self._open(target, data, streaming=True))
-        opening = _Opening(lambda: self._open(target, data, streaming=True))
+            return self._stream_reply(target, self._open(target, data, streaming=True,
+                                                         request_id=request_id))
+        opening = _Opening(lambda: self._open(target, data, streaming=True,
+                                              request_id=request_id))
         if opening.done.wait(self.keepalive):
             return self._stream_reply(target, opening.outcome())
         # The first byte is late (a model loading, a long prompt): commit to a
@@ -79,11 +83,11 @@ class Upstream:
         return Reply(200, stream=_Abandoning(self._kept_alive(opening, target), opening),
                      content_type="text/event-stream")
 
-    def _open(self, target, data, streaming):
+    def _open(self, target, data, streaming, request_id=None):
         """The upstream's answer: a Reply as it is, or for a streamed 200 the
         open (response, first bytes, the rest). Raises BadGateway,
         ApiKeyUnreadable."""
-        request = self._request(target, data)
+        request = self._request(target, data, request_id)
         response = None
         try:
             response = self.adapter.send(
@@ -144,9 +148,11 @@ class Upstream:
         finally:
             response.close()
 
-    def _request(self, target: Target, data: bytes) -> requests.PreparedRequest:
-        """The POST to the target's `/chat/completions`. Its URL is parsed and
-        checked once, into a template copied per call."""
+    def _request(self, target: Target, data: bytes,
+                 request_id: str | None = None) -> requests.PreparedRequest:
+        """The POST to the target's `/chat/completions` (with the request's
+        `X-Request-Id`). Its URL is parsed and checked once, into a template
+        copied per call."""
         template = self._templates.get(target.url)
         if template is None:
             if len(self._templates) >= MAX_TEMPLATES:
@@ -162,6 +168,8 @@ class Upstream:
         api_key = self.cipher.decrypt(target.api_key, target.name)
         if api_key:
             request.headers["Authorization"] = f"Bearer {api_key}"
+        if request_id:
+            request.headers[request_ids.HEADER] = request_id
         return request
 
 
