@@ -31,7 +31,7 @@ def create_app(config=None, instance_path=None):
 
 def register_extensions(app):
     import models  # noqa: F401  (registers the tables with db)
-    from services import database
+    from services import database, recent_errors
     from services.api_keys import ApiKeyCipher
     from services.bus import create_bus
     from services.schema import SchemaCheck
@@ -50,6 +50,7 @@ def register_extensions(app):
     app.extensions["schema_check"] = SchemaCheck(os.path.join(app.root_path, "migrations"))
     app.extensions["api_key_cipher"] = ApiKeyCipher.from_config(app.config)
     app.extensions["task_bus"] = create_bus(app.config)
+    app.extensions["recent_errors"] = recent_errors.for_bus(app.extensions["task_bus"])
 
 
 def register_instrumentation(app):
@@ -95,7 +96,7 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 def register_blueprints(app):
     from blueprints import (agents, chat, common, health, infer, llms, openai_compat, openapi,
-                            operations, projects, prompts, publishers)
+                            operations, projects, prompts, publishers, status)
 
     app.before_request(common.refuse_nul_in_url)
     app.before_request(common.require_migrated_schema)
@@ -110,6 +111,8 @@ def register_blueprints(app):
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(operations.metrics_bp)
+    app.register_blueprint(status.bp)
+    app.after_request(status.record_error_answer)
     app.before_request(common.authenticate_unmatched)
 
 

@@ -82,6 +82,15 @@ DEFAULTS = {
     "USAGE_FLUSH_INTERVAL": 2.0,
     "USAGE_MAX_PENDING": 10_000,
     "REDIS_URL": None,
+    # The status page's sign-in cookie (Flask's session, signed with
+    # SECRET_KEY): sent back to /status only, never readable by scripts or
+    # sent from another site. Behind TLS, set SWITCHBOARD_SESSION_COOKIE_SECURE=true.
+    "SESSION_COOKIE_NAME": "switchboard_status",
+    "SESSION_COOKIE_PATH": "/status",
+    "SESSION_COOKIE_HTTPONLY": True,
+    "SESSION_COOKIE_SAMESITE": "Strict",
+    "SESSION_COOKIE_SECURE": False,
+    "PERMANENT_SESSION_LIFETIME": 8 * 3600,
     # Every Redis key the bus makes starts with this (several deployments, or
     # test runs, may share one Redis).
     "REDIS_PREFIX": "switchboard:",
