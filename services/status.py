@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from models import Agent, ApiToken, Llm, PublisherSession, Role, Status, iso
+from models import Agent, ApiToken, Kind, Llm, PublisherSession, Role, Status, iso
 from services import tokens, usage
 from services.errors import Forbidden, ServiceError
 
@@ -106,13 +106,13 @@ def overview(session, bus, recent_errors, now, *, bucket_seconds: int = 3600) ->
     usage_rows = usage.summary(session, now - USAGE_WINDOW, now, bucket_seconds=bucket_seconds)
     return Overview(
         generated_at=iso(now),
-        llms=[RowLine(llm.name, llm.kind, llm.status, llm.model, age(now, llm.last_heartbeat_at),
+        llms=[RowLine(llm.name, llm.kind, llm.status, llm.model, _heartbeat(now, llm),
                       iso(llm.last_heartbeat_at), in_flight.get(llm.name, 0),
                       waiting.get(llm.name, 0), llm.max_concurrency) for llm in llms],
         llms_total=session.scalar(sa.select(sa.func.count()).select_from(Llm)),
         agents=[RowLine(agent.name, agent.kind, agent.status,
                         agent.llm.name if agent.llm else f"pool:{agent.model}",
-                        age(now, agent.last_heartbeat_at), iso(agent.last_heartbeat_at), 0, 0)
+                        _heartbeat(now, agent), iso(agent.last_heartbeat_at), 0, 0)
                 for agent in agents],
         agents_total=session.scalar(sa.select(sa.func.count()).select_from(Agent)),
         sessions=_sessions(session, bus, now, problems),
@@ -121,6 +121,11 @@ def overview(session, bus, recent_errors, now, *, bucket_seconds: int = 3600) ->
         gauges=gauges,
         problems=problems,
     )
+
+
+def _heartbeat(now, row) -> str:
+    """A virtual row's last heartbeat; a public row has none to have."""
+    return "–" if row.kind == Kind.PUBLIC else age(now, row.last_heartbeat_at)
 
 
 def _status_rank(model):
