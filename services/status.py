@@ -61,6 +61,7 @@ class RowLine:
     in_flight: int
     waiting: int
     capacity: int | None = None
+    via: str | None = None  # an agent's LLM, or `pool:<model>`
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,7 @@ def overview(session, bus, recent_errors, now, *, bucket_seconds: int = 3600) ->
                       iso(llm.last_heartbeat_at), in_flight.get(llm.name, 0),
                       waiting.get(llm.name, 0), llm.max_concurrency) for llm in llms],
         llms_total=session.scalar(sa.select(sa.func.count()).select_from(Llm)),
-        agents=[RowLine(agent.name, agent.kind, agent.status,
-                        agent.llm.name if agent.llm else f"pool:{agent.model}",
-                        _heartbeat(now, agent), iso(agent.last_heartbeat_at), 0, 0)
-                for agent in agents],
+        agents=[_agent_line(now, agent, llms, in_flight, waiting) for agent in agents],
         agents_total=session.scalar(sa.select(sa.func.count()).select_from(Agent)),
         sessions=_sessions(session, bus, now, problems),
         usage=usage_rows,
@@ -121,6 +119,19 @@ def overview(session, bus, recent_errors, now, *, bucket_seconds: int = 3600) ->
         gauges=gauges,
         problems=problems,
     )
+
+
+def _agent_line(now, agent, llms, in_flight, waiting) -> RowLine:
+    """An agent's row: its LLM's model and tasks, or for a pool agent, those of
+    the pool's members."""
+    if agent.llm is not None:
+        via, model, members = agent.llm.name, agent.llm.model, [agent.llm.name]
+    else:
+        via, model = f"pool:{agent.model}", agent.model
+        members = [llm.name for llm in llms if llm.model == agent.model]
+    return RowLine(agent.name, agent.kind, agent.status, model, _heartbeat(now, agent),
+                   iso(agent.last_heartbeat_at), sum(in_flight.get(m, 0) for m in members),
+                   sum(waiting.get(m, 0) for m in members), via=via)
 
 
 def _heartbeat(now, row) -> str:

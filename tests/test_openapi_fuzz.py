@@ -129,7 +129,6 @@ def test_the_api_answers_as_its_document_says(server, schema, known, module_fake
         operations = [result.ok() for result in schema.get_all_operations()]
         # Deletes last, so that the other operations find the known rows.
         for operation in sorted(operations, key=lambda op: op.method.upper() == "DELETE"):
-
             fixed = ({name: known[name] for name in re.findall(r"{(\w+)}", operation.path)
                       if name in known}
                      if paths == "known" else None)

@@ -127,7 +127,9 @@ def test_an_admin_signs_in_and_sees_the_live_rows(server, scene, tmp_path):
         assert box.locator("td.num").all_inner_texts()[:3] == ["1", "0", "2"]  # in flight
         assert "public" in page.inner_text('tr[data-llm="upstream-gpt"]')
         assert "inactive" in page.inner_text('tr[data-llm="old-box"]')
-        assert "gpu-box" in page.inner_text('tr[data-agent="reviewer"]')
+        agent = page.locator('tr[data-agent="reviewer"]')
+        assert "gpu-box" in agent.inner_text() and "qwen-local" in agent.inner_text()
+        assert agent.locator("td.num").all_inner_texts() == ["1", "0"]  # its LLM's task
         session_row = page.locator(f'tr[data-session="{scene.session_id}"]')
         assert "live" in session_row.inner_text() and "publisher" in session_row.inner_text()
         usage = page.inner_text('tr[data-usage="client/upstream-gpt"]')
