@@ -2,7 +2,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 
 from schemas.agent import Params
 from schemas.common import Name, RelayedSchema, StrictBoolean, StrictInteger, StrictSchema
-from schemas.llm import TIERS, MaxConcurrency
+from schemas.llm import TIERS, Endpoints, MaxConcurrency
 from services.bus.base import MAX_ACKS_PER_POLL
 
 SESSION_ID = validate.Regexp(r"^[A-Za-z0-9_-]{1,64}\Z",
@@ -19,6 +19,7 @@ class PublishedLlmSchema(StrictSchema):
     extra_config = fields.Dict(keys=fields.String())
     initial_status = fields.String(validate=validate.OneOf(("active", "hibernating")))
     max_concurrency = MaxConcurrency()
+    endpoints = Endpoints()
 
 
 class PublishedAgentSchema(StrictSchema):
