@@ -73,6 +73,7 @@ class Relay(Scenario):
     targets = {"added_p50_ms": 4.0, "ttfc_ms": 5.0, "throughput_ratio": 0.03}
     llm = "bench-relay"
     bus = "memory"
+    endpoints = "chat/completions"  # what the publisher declares, comma-separated
 
     def __init__(self):
         self.publisher = None
@@ -82,7 +83,7 @@ class Relay(Scenario):
         self.publisher = subprocess.Popen(
             [sys.executable, "-m", "bench.relay_publisher", "--server", server.url,
              "--token", server.tokens["publisher"], "--upstream", ctx.upstream.url,
-             "--llm", self.llm], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+             "--llm", self.llm, "--endpoints", self.endpoints], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         line = self.publisher.stdout.readline()
         if not line.startswith("ready"):
             self.close()

@@ -89,11 +89,11 @@ class BenchContext:
             self._switchboards[bus] = server
         return self._switchboards[bus]
 
-    def register_public_llm(self, name: str, url: str, bus: str = "memory") -> None:
+    def register_public_llm(self, name: str, url: str, bus: str = "memory", **fields) -> None:
         server = self.switchboard(bus)
         response = self.http.post(f"{server.url}/api/v1/llms", headers=server.headers("admin"),
                                   json={"name": name, "model": "bench-model", "url": url,
-                                        "api_key": "sk-bench"}, timeout=10)
+                                        "api_key": "sk-bench", **fields}, timeout=10)
         response.raise_for_status()
 
     def close(self):
