@@ -86,8 +86,8 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 
 def register_blueprints(app):
-    from blueprints import (agents, chat, common, health, infer, llms, openai_compat, projects,
-                            prompts, publishers)
+    from blueprints import (agents, chat, common, health, infer, llms, openai_compat, openapi,
+                            projects, prompts, publishers)
 
     app.before_request(common.refuse_nul_in_url)
     app.before_request(common.require_migrated_schema)
@@ -100,6 +100,7 @@ def register_blueprints(app):
     app.register_blueprint(api)
     app.register_blueprint(openai_compat.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
     app.before_request(common.authenticate_unmatched)
 
 

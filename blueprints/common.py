@@ -86,10 +86,10 @@ def api_key_cipher() -> ApiKeyCipher:
 
 def require_migrated_schema():
     """App-level `before_request` (the first): until the database is found
-    migrated once, every request but the health checks asks it, and gets a 503
+    migrated once, every request but the health checks and the OpenAPI document asks it, and gets a 503
     saying to run `flask db upgrade` instead of a 500 from a missing table."""
     check = current_app.extensions["schema_check"]
-    if not check.current and request.blueprint != "health":
+    if not check.current and request.blueprint not in ("health", "openapi"):
         check.require(db.session.connection())
 
 

@@ -6,9 +6,16 @@ from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, vali
 from schemas.common import SamplingSchema, StrictBoolean, StrictInteger, StrictNumber
 
 
+# A message as validate_messages checks it, for the OpenAPI document (the
+# rest of a message passes on untouched).
+MESSAGE_DOCUMENT = {"type": "object", "required": ["role"], "additionalProperties": True,
+                    "properties": {"role": {"type": "string"}}}
+
+
 class ChatCompletionSchema(SamplingSchema):
     model = fields.String()
-    messages = fields.List(fields.Dict(), required=True, validate=validate.Length(min=1))
+    messages = fields.List(fields.Dict(), required=True, validate=validate.Length(min=1),
+                           metadata={"openapi": {"items": MESSAGE_DOCUMENT}})
     stream = StrictBoolean()
     n = StrictInteger(allow_none=True)
 

@@ -1,0 +1,16 @@
+"""`GET /api/v1/openapi.json` (open): the OpenAPI document (schemas/openapi.py),
+built once per app from its URL map."""
+from flask import Blueprint, current_app
+
+from schemas.openapi import build_document
+
+bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
+VERSION = "1"
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    extensions = current_app.extensions
+    if "openapi" not in extensions:
+        extensions["openapi"] = build_document(current_app.url_map, VERSION)
+    return extensions["openapi"]
