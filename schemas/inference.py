@@ -55,7 +55,7 @@ class Passing(Schema):
     stream = StrictBoolean()
 
 
-class CompletionSchema(SamplingSchema, Passing):
+class TextCompletionSchema(SamplingSchema, Passing):
     prompt = fields.Raw(required=True)
     n = StrictInteger(allow_none=True)
 
@@ -107,6 +107,6 @@ class AnthropicMessagesSchema(Passing):
 
 chat_completion = ChatCompletionSchema()
 # By endpoint (models.ENDPOINTS): what each route checks before relaying.
-BODY_SCHEMAS = {"chat/completions": chat_completion, "completions": CompletionSchema(),
+BODY_SCHEMAS = {"chat/completions": chat_completion, "completions": TextCompletionSchema(),
                 "embeddings": EmbeddingSchema(), "responses": ResponseSchema(),
                 "messages": AnthropicMessagesSchema()}

@@ -16,7 +16,7 @@ from schemas import views
 from schemas.agent import (agent_create, agent_update, chat_request, personality_create,
                            personality_update, project_create, project_update, prompt_create,
                            prompt_update, thread_create)
-from schemas.inference import chat_completion
+from schemas.inference import BODY_SCHEMAS, chat_completion
 from schemas.llm import llm_create, llm_update
 from schemas.publisher import chunks, register, result
 
@@ -60,6 +60,7 @@ class Operation:
     open: bool = False             # no token needed
     query: tuple = field(default=())  # OpenAPI parameter objects
     description: str = ""
+    error_schema: object = views.ErrorSchema  # the envelope of its errors
 
 
 def Read(summary, answer, *, item=False):
@@ -142,6 +143,30 @@ OPERATIONS = {
         "OpenAI's chat completions: `model` is an LLM's name, `agent:<name>` or `pool:<model>`",
         body=chat_completion, answer=views.CompletionSchema, roles=("client",),
         errors=(413, *RELAYED), stream=True, description=INFER_DESCRIPTION),
+    "openai_compat.completions": Operation(
+        "OpenAI's completions: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["completions"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), stream=True, description=(
+            "`prompt` a string, strings or token ids; relayed as it is but for `model`. "
+            "Streamed: the backend's events, then `data: [DONE]`.")),
+    "openai_compat.embeddings": Operation(
+        "OpenAI's embeddings: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["embeddings"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), description=(
+            "`input` a string, strings or token ids; the backend's vectors come back as they "
+            "are.")),
+    "openai_compat.responses": Operation(
+        "OpenAI's responses: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["responses"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), stream=True, description=(
+            "Streamed: the backend's events, `event:` lines included, and no `[DONE]`.")),
+    "openai_compat.messages": Operation(
+        "Anthropic's messages: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["messages"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), stream=True, error_schema=views.AnthropicErrorSchema,
+        description=(
+            "The token may come as `x-api-key`; errors use Anthropic's envelope. Streamed: the "
+            "backend's events, `event:` lines included, and no `[DONE]`.")),
     # Publisher protocol
     "api.publishers.register": Operation(
         "Register a publisher session and its virtual LLMs and agents", ok=201,
@@ -221,7 +246,7 @@ def _operation(op: Operation, path_names: list[str]) -> dict:
         statuses.add(403)
     for status in sorted(statuses):
         responses[str(status)] = {"description": ERROR_MEANINGS[status],
-                                  "content": {JSON: {"schema": views.ErrorSchema}}}
+                                  "content": {JSON: {"schema": op.error_schema}}}
     document = {
         "summary": op.summary,
         "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

@@ -36,6 +36,18 @@ class ErrorSchema(Schema):
     error = fields.Nested(ErrorBodySchema, required=True)
 
 
+class AnthropicErrorBodySchema(Schema):
+    type = Text()
+    message = Text()
+
+
+class AnthropicErrorSchema(Schema):
+    """Errors on /v1/messages: Anthropic's shape, so its SDKs show the message."""
+
+    type = Text(validate=validate.Equal("error"))
+    error = fields.Nested(AnthropicErrorBodySchema, required=True)
+
+
 class LifecycleFields(Schema):
     kind = Text(validate=validate.OneOf(KINDS))
     status = Text(validate=validate.OneOf(STATUSES))
@@ -55,6 +67,8 @@ class LlmViewSchema(LifecycleFields):
     description = Text()
     extra_config = fields.Dict(required=True)
     max_concurrency = Nullable(fields.Integer)
+    endpoints = fields.List(fields.String(), required=True,
+                            metadata={"description": "the endpoints its backend serves"})
     has_api_key = fields.Boolean(required=True)
     created_at = Time()
     updated_at = Time()
