@@ -21,6 +21,7 @@ def create_app(config=None, instance_path=None):
     app.json = OrjsonProvider(app)
     settings.load(app, config)
     register_extensions(app)
+    register_instrumentation(app)
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
@@ -51,6 +52,13 @@ def register_extensions(app):
     app.extensions["task_bus"] = create_bus(app.config)
 
 
+def register_instrumentation(app):
+    """Request ids, the access line, metrics and usage (SWITCHBOARD_INSTRUMENT)."""
+    from blueprints.instrumentation import Instrumentation
+
+    Instrumentation(app)
+
+
 def register_cors(app):
     """Browsers may call /v1 and /api/v1 from SWITCHBOARD_CORS_ORIGINS only
     (none by default); blueprints/common.refuse_foreign_preflight turns the
@@ -60,7 +68,7 @@ def register_cors(app):
         cors.init_app(app, resources=[r"/v1/*", r"/api/v1/*"], origins=origins,
                       allow_headers=["Authorization", "Content-Type"],
                       methods=["GET", "POST", "PATCH", "DELETE"],
-                      expose_headers=["Retry-After"], max_age=600)
+                      expose_headers=["Retry-After", "X-Request-Id"], max_age=600)
 
 
 def _create_private_sqlite_file(uri):
@@ -87,7 +95,7 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 def register_blueprints(app):
     from blueprints import (agents, chat, common, health, infer, llms, openai_compat, openapi,
-                            projects, prompts, publishers)
+                            operations, projects, prompts, publishers)
 
     app.before_request(common.refuse_nul_in_url)
     app.before_request(common.require_migrated_schema)
@@ -95,12 +103,13 @@ def register_blueprints(app):
     api = Blueprint("api", __name__, url_prefix="/api/v1")
     api.before_request(common.authenticate_request)
     for child in (llms.bp, infer.bp, publishers.bp, agents.bp, projects.bp, prompts.bp,
-                  chat.bp):
+                  chat.bp, operations.bp):
         api.register_blueprint(child)
     app.register_blueprint(api)
     app.register_blueprint(openai_compat.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(operations.metrics_bp)
     app.before_request(common.authenticate_unmatched)
 
 

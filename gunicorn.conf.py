@@ -4,8 +4,11 @@ One gevent worker process holds thousands of long-polls and waiting requests
 at once. The in-memory task bus lives inside that process, so there must be
 exactly one worker unless REDIS_URL selects the Redis bus.
 """
-import logging
 import os
+import shutil
+import tempfile
+
+from services import logs
 
 # `make run` passes HOST=127.0.0.1 unless HOST is set; the Procfile's platform
 # routes to 0.0.0.0.
@@ -30,11 +33,22 @@ graceful_timeout = 30
 accesslog = os.environ.get("ACCESS_LOG") or None
 loglevel = os.environ.get("LOG_LEVEL", "info")
 
-# The app's own loggers (`logging.getLogger(__name__)`) go to stderr with
-# timestamps; gunicorn keeps its own handlers for its lines.
-logging.basicConfig(level=loglevel.upper(),
-                    format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
-                    datefmt="[%Y-%m-%d %H:%M:%S %z]")
+# The app's own loggers (`logging.getLogger(__name__)`) and gunicorn's go to
+# stderr, as text or one JSON object per line (SWITCHBOARD_LOG_FORMAT=json),
+# each with the request id of the request it was written for. The app writes
+# one access line per request itself (SWITCHBOARD_ACCESS_LOG); gunicorn's own
+# access log stays off unless ACCESS_LOG names a file.
+logs.configure(os.environ.get("SWITCHBOARD_LOG_FORMAT", "text"), loglevel)
+logger_class = logs.GunicornLogger
+
+# /metrics adds up every worker's counters: prometheus-client's multiprocess
+# mode, one directory per gunicorn instance (emptied at start), set before
+# any worker imports the app.
+# (A reload reads this file again: the folder made at start is kept, and
+# removed when gunicorn exits.)
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="switchboard-metrics-")
+    os.environ["_SWITCHBOARD_OWN_METRICS_DIR"] = "1"
 
 
 def nworkers_changed(server, new_value, old_value):
@@ -56,3 +70,30 @@ def when_ready(server):
     else:
         server.log.info("task bus: in-memory; running exactly one worker process "
                         "(set REDIS_URL to scale out)")
+
+
+def on_starting(server):
+    # Counters of a previous run must not add up with this one's.
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(folder, name))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker):
+    # A worker that stops gracefully writes the usage it still holds.
+    app = getattr(worker, "wsgi", None)
+    instrumentation = getattr(app, "extensions", {}).get("instrumentation")
+    if instrumentation is not None:
+        instrumentation.close()
+
+
+def on_exit(server):
+    if os.environ.get("_SWITCHBOARD_OWN_METRICS_DIR") == "1":
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -69,6 +69,18 @@ DEFAULTS = {
     "CHAT_PENDING_TIMEOUT": 3600.0,
     # Comma-separated origins a browser may call /v1 and /api/v1 from; none by default.
     "CORS_ORIGINS": "",
+    # Operations (DESIGN.md): metrics, usage counting and request ids
+    # (INSTRUMENT false turns all three, and the access log, off: a bench
+    # setting); one access line per request; text or json log lines (read by
+    # gunicorn.conf.py); usage kept in buckets of this many seconds, written
+    # every USAGE_FLUSH_INTERVAL from a buffer of at most USAGE_MAX_PENDING
+    # (bucket, token, LLM) rows per worker.
+    "INSTRUMENT": True,
+    "ACCESS_LOG": True,
+    "LOG_FORMAT": "text",
+    "USAGE_BUCKET_SECONDS": 3600,
+    "USAGE_FLUSH_INTERVAL": 2.0,
+    "USAGE_MAX_PENDING": 10_000,
     "REDIS_URL": None,
     # Every Redis key the bus makes starts with this (several deployments, or
     # test runs, may share one Redis).
@@ -119,6 +131,14 @@ def load(app, overrides=None):
             app.config["SECRETS_FROM_INSTANCE"][env_name] = os.path.join(app.instance_path,
                                                                          env_name)
     app.config["MAX_CONTENT_LENGTH"] = int(app.config["MAX_BODY_BYTES"])
+
+
+def flag(config, key) -> bool:
+    """A boolean setting: true/false, 1/0, yes/no, on/off (any case)."""
+    value = config.get(key)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def cors_origins(config) -> list[str]:

@@ -78,19 +78,27 @@ class BenchContext:
         self.http = requests.Session()
         self.http.trust_env = False
 
-    def switchboard(self, bus: str = "memory") -> LiveServer:
-        if bus not in self._switchboards:
+    def switchboard(self, bus: str = "memory", instrument: bool = True) -> LiveServer:
+        """The Switchboard of `bus`; with `instrument` False, another one
+        with SWITCHBOARD_INSTRUMENT=false (no metrics, usage, request ids or
+        access lines), to measure what they cost."""
+        key = (bus, instrument)
+        if key not in self._switchboards:
+            env = dict(self.server_env)
+            if not instrument:
+                env["SWITCHBOARD_INSTRUMENT"] = "false"
             if bus == "memory":
-                server = start_server(self.workdir, self.server_env, db="sqlite", bus="memory")
+                server = start_server(self.workdir, env, db="sqlite", bus="memory")
             else:
                 server = start_server(self.workdir,
-                                      {**self.server_env, "WEB_CONCURRENCY": str(self.workers)},
+                                      {**env, "WEB_CONCURRENCY": str(self.workers)},
                                       db=self.scale_out_db, bus="redis")
-            self._switchboards[bus] = server
-        return self._switchboards[bus]
+            self._switchboards[key] = server
+        return self._switchboards[key]
 
-    def register_public_llm(self, name: str, url: str, bus: str = "memory", **fields) -> None:
-        server = self.switchboard(bus)
+    def register_public_llm(self, name: str, url: str, bus: str = "memory",
+                            instrument: bool = True, **fields) -> None:
+        server = self.switchboard(bus, instrument)
         response = self.http.post(f"{server.url}/api/v1/llms", headers=server.headers("admin"),
                                   json={"name": name, "model": "bench-model", "url": url,
                                         "api_key": "sk-bench", **fields}, timeout=10)

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app, request
 
+from blueprints import instrumentation
 from blueprints.common import caller, json_body, peer_connected, require
 import extensions
 from extensions import db
@@ -61,7 +62,7 @@ def chat_with_agent(name):
                            current_app.extensions["task_bus"].is_live)
     db.session.commit()
     db.session.close()  # hold no pooled connection while the relay waits
-    relay = extensions.relay()
+    relay = instrumentation.observed(extensions.relay())
     transaction = _transaction_factory(current_app._get_current_object())
     if turn.stream:
         events = chat.stream_turn(relay, turn, transaction, utcnow)

@@ -9,6 +9,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from blueprints.common import ANTHROPIC_PATHS
+from blueprints.instrumentation import note_rejection
 from services import database
 from services.errors import ServiceError, anthropic_envelope, envelope
 
@@ -36,6 +37,8 @@ def error_response(status, message, type_, code, details=None, headers=None):
 
 
 def handle_service_error(exc: ServiceError):
+    if exc.status in (429, 503):
+        note_rejection(exc.code)
     return error_response(exc.status, exc.message, exc.type, exc.code, exc.details, exc.headers)
 
 

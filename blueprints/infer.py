@@ -1,6 +1,7 @@
 from flask import Blueprint, Response, current_app, request
 from marshmallow import ValidationError
 
+from blueprints import instrumentation
 from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db, relay
 from jsonio import dumps
@@ -40,7 +41,7 @@ def run_inference(name: str, body: dict, endpoint: Endpoint = CHAT, headers=None
     route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live,
                             endpoint.path)
     db.session.close()  # hold no pooled connection while the relay waits
-    return to_response(relay().infer(
+    return to_response(instrumentation.observed(relay()).infer(
         route, body, client_connected=peer_connected(request.environ), token=caller().id,
         endpoint=endpoint, headers=headers))
 

@@ -333,6 +333,7 @@ class Publisher:
             log.warning("task %s: %s", task_id, what)
             _spawn(self._post_result, task_id, {"error": what}, name=f"task-{task_id}")
             return
+        log.info("task %s (%s, %s): request %s", task_id, llm.name, kind, task.get("request_id"))
         call = Call()
         with self._calls_lock:
             self._calls[task_id] = call

@@ -97,6 +97,12 @@ POLL_QUERY = (
      "empty, makes the session acknowledging", "schema": {"type": "string"}},
 )
 
+USAGE_QUERY = tuple(
+    {"name": name, "in": "query", "required": False, "description": description,
+     "schema": {"type": "string", "format": "date-time"}}
+    for name, description in (("since", "ISO 8601 (default: 24 hours before `until`)"),
+                              ("until", "ISO 8601 (default: now)")))
+
 OPERATIONS = {
     "openapi.openapi_document": Operation(
         "This document", answer=views.CompletionSchema, open=True),
@@ -167,6 +173,10 @@ OPERATIONS = {
         description=(
             "The token may come as `x-api-key`; errors use Anthropic's envelope. Streamed: the "
             "backend's events, `event:` lines included, and no `[DONE]`.")),
+    # Operations
+    "api.operations.usage_view": Operation(
+        "Usage per token and LLM: an admin sees every token, anyone else only their own",
+        answer=[views.UsageRowSchema], query=USAGE_QUERY),
     # Publisher protocol
     "api.publishers.register": Operation(
         "Register a publisher session and its virtual LLMs and agents", ok=201,

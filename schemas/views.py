@@ -208,3 +208,16 @@ class CompletionSchema(Schema):
 
     class Meta:
         unknown = INCLUDE
+
+
+class UsageRowSchema(Schema):
+    """One token's use of one LLM over the asked period."""
+
+    token = Text(metadata={"description": "the token's name"})
+    llm = Text()
+    requests = fields.Integer(required=True, metadata={"description": "failures included"})
+    errors = fields.Integer(required=True)
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    estimated = fields.Boolean(required=True, metadata={
+        "description": "true when a count was estimated from a stream's chunks"})

@@ -16,10 +16,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import settings
 from jsonio import dumps, loads
 from models import Kind, Status
+from services import metrics, request_ids
 from services.bus.base import Member, publisher_offline
-from services.errors import BadGateway, ClientGone, ServiceError, Unavailable
+from services.errors import BadGateway, ClientGone, GatewayTimeout, ServiceError, Unavailable
 from services.inference import CHAT, SSE_KEEPALIVE, Endpoint, Reply, Route, Target, sse_event
 from services.upstream import Upstream
 
@@ -61,14 +63,17 @@ FAILOVER_CODES = frozenset({"publisher_error", "publisher_lost", "publisher_disc
 
 
 class Relay:
-    def __init__(self, bus, upstream: Upstream, timeouts: Timeouts):
+    def __init__(self, bus, upstream: Upstream, timeouts: Timeouts, count_wakes: bool = False):
         self.bus = bus
         self.upstream = upstream
         self.timeouts = timeouts
+        self.count_wakes = count_wakes  # switchboard_wakes_total
+        self._wakes_counted: dict[str, None] = {}  # task ids, oldest first
 
     @classmethod
     def from_config(cls, config, bus):
-        return cls(bus, Upstream.from_config(config), Timeouts.from_config(config))
+        return cls(bus, Upstream.from_config(config), Timeouts.from_config(config),
+                   count_wakes=settings.flag(config, "INSTRUMENT"))
 
     def infer(self, route: Route | Target, body: dict, client_connected=None,
               token: str = "", endpoint: Endpoint = CHAT, headers=None) -> Reply:
@@ -106,7 +111,7 @@ class Relay:
                 for _ in waking:
                     _check_client(client_connected)
         task = {"kind": "infer", "llm": target.name, "endpoint": call.endpoint.path,
-                "streaming": False, "body": body}
+                "streaming": False, "body": body, **_request_id()}
         with self.bus.open_task(target.session_id, task,
                                 **self._task_args(target, counted=counted)) as task_id:
             while (outcome := self.bus.wait_result(task_id, interval)) is None:
@@ -155,15 +160,21 @@ class Relay:
         """Wake the LLM (sharing an in-flight wake), yielding None every
         `keepalive` seconds while waiting. Raises BadGateway on failure; the
         row stays hibernating (the result view flips it on success)."""
-        task = {"kind": "wake", "llm": target.name}
+        task = {"kind": "wake", "llm": target.name, **_request_id()}
         args = self._task_args(target, self.timeouts.wake,
                                share_key=f"wake:{target.session_id}:{target.name}",
                                counted=counted)
         with self.bus.open_task(target.session_id, task, **args) as task_id:
             log.info("waiting for LLM %s to wake (task %s)", target.name, task_id)
-            while (outcome := self.bus.wait_result(task_id, keepalive)) is None:
-                yield None
-        if "error" in outcome or not 200 <= int(outcome.get("status", 0)) < 300:
+            try:
+                while (outcome := self.bus.wait_result(task_id, keepalive)) is None:
+                    yield None
+            except GatewayTimeout:
+                self._count_wake(target.name, task_id, "timeout")
+                raise
+        failed = "error" in outcome or not 200 <= int(outcome.get("status", 0)) < 300
+        self._count_wake(target.name, task_id, "failed" if failed else "ok")
+        if failed:
             log.warning("waking LLM %s failed", target.name)
         if "error" in outcome:
             raise BadGateway(f"Waking LLM '{target.name}' failed: {outcome['error']}",
@@ -171,6 +182,16 @@ class Relay:
         if not 200 <= int(outcome.get("status", 0)) < 300:
             raise BadGateway(f"Waking LLM '{target.name}' failed with status "
                              f"{outcome.get('status')}", code="wake_failed")
+
+    def _count_wake(self, llm, task_id, outcome):
+        """switchboard_wakes_total, once per wake task in this process (its
+        waiters share it; a timeout is counted by each worker that waited)."""
+        if not self.count_wakes or task_id in self._wakes_counted:
+            return
+        self._wakes_counted[task_id] = None
+        while len(self._wakes_counted) > 1024:
+            self._wakes_counted.pop(next(iter(self._wakes_counted)))
+        metrics.wakes_total.labels(llm, outcome).inc()
 
     def _outcome_reply(self, target, outcome):
         if "error" in outcome:
@@ -201,7 +222,7 @@ class Relay:
             for _ in self._wake(target, self.timeouts.keepalive, counted):
                 yield ("keepalive", None)
         task = {"kind": "infer", "llm": target.name, "endpoint": call.endpoint.path,
-                "streaming": True, "body": call.body}
+                "streaming": True, "body": call.body, **_request_id()}
         with self.bus.open_task(target.session_id, task,
                                 **self._task_args(target, counted=counted)) as task_id:
             while True:
@@ -381,6 +402,12 @@ class Relay:
             log.warning("%s: member %s failed before the first byte; trying another",
                         route.label, member)
         return bool(others)
+
+
+def _request_id() -> dict:
+    """The task's `request_id` field: the id of the request it serves."""
+    request_id = request_ids.current()
+    return {"request_id": request_id} if request_id else {}
 
 
 def _queued_comment(place) -> bytes:

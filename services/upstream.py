@@ -20,6 +20,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from jsonio import dumps, loads
+from services import request_ids
 from services.api_keys import ApiKeyCipher
 from services.errors import BadGateway, ServiceError
 from services.inference import CHAT, SSE_KEEPALIVE, Endpoint, Reply, Target
@@ -68,7 +69,8 @@ class Upstream:
         (or, for a stream kept alive meanwhile, ends with an error event).
         Raises ApiKeyUnreadable (the stored key does not decrypt).
         """
-        request = self._request(target, dumps(body), endpoint, headers)
+        request = self._request(target, dumps(body), endpoint, headers,
+                                request_ids.current())
         if body.get("stream") is not True:
             return self._open(target, request, streaming=False)
         if self.keepalive is None:
@@ -145,12 +147,13 @@ class Upstream:
         finally:
             opened.close()
 
-    def _request(self, target: Target, data: bytes, endpoint: Endpoint,
-                 headers=None) -> requests.PreparedRequest:
+    def _request(self, target: Target, data: bytes, endpoint: Endpoint, headers=None,
+                 request_id: str | None = None) -> requests.PreparedRequest:
         """The POST to the target's `{url}/{endpoint}`, with the stored key as
-        the backend expects it (Anthropic's `x-api-key` on messages). The URL
-        is parsed and checked once, into a template copied per call. Raises
-        ApiKeyUnreadable (the stored key does not decrypt)."""
+        the backend expects it (Anthropic's `x-api-key` on messages) and the
+        request's `X-Request-Id`. The URL is parsed and checked once, into a
+        template copied per call. Raises ApiKeyUnreadable (the stored key does
+        not decrypt)."""
         key = (target.url, endpoint.path)
         template = self._templates.get(key)
         if template is None:
@@ -171,6 +174,8 @@ class Upstream:
             request.headers["x-api-key"] = api_key
         elif api_key:
             request.headers["Authorization"] = f"Bearer {api_key}"
+        if request_id:
+            request.headers[request_ids.HEADER] = request_id
         return request
 
 

@@ -43,6 +43,7 @@ def app(tmp_path, template_db, app_config):
     app = create_app({"TESTING": True, "SQLALCHEMY_DATABASE_URI": stack.sqlalchemy_url(url),
                       **bus_settings, **app_config})
     yield app
+    app.extensions["instrumentation"].close()
     app.extensions["task_bus"].close()
     with app.app_context():
         db.session.remove()
