@@ -11,6 +11,7 @@ import requests
 
 from tests.support.fake_openai import embedding_of
 from tests.support.protocol_publisher import ProtocolPublisher
+from tests.support.waiting import wait_until
 
 SECRET = "sk-endpoints-upstream-secret"
 EVERY = ["chat/completions", "completions", "embeddings", "responses", "messages"]
@@ -242,3 +243,22 @@ def test_a_virtual_llm_gets_the_endpoint_in_its_task_and_answers_it(server, sdk)
         assert raised.value.body["code"] == "endpoint_not_supported"
     finally:
         publisher.stop()
+
+
+def test_usage_counts_the_other_endpoints_in_their_own_names(server, http, claude, sdk, fake):
+    create_llm(server, http, "usage-counted", fake.url, endpoints=["embeddings", "messages"])
+    fake.script(body={"object": "list", "usage": {"prompt_tokens": 8, "total_tokens": 8},
+                      "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]})
+    sdk.embeddings.create(model="usage-counted", input="x")
+    claude.messages.create(model="usage-counted", max_tokens=9,  # the fake: 1 in, 3 out
+                           messages=[{"role": "user", "content": "three more words"}])
+
+    def row():
+        response = http.get(f"{server.url}/api/v1/usage", headers=server.headers("client"),
+                            timeout=10)
+        rows = [r for r in response.json() if r["llm"] == "usage-counted"]
+        return rows[0] if rows and rows[0]["requests"] == 2 else None
+
+    assert wait_until(row, timeout=10, message="usage written") == {
+        "token": "client", "llm": "usage-counted", "requests": 2, "errors": 0,
+        "prompt_tokens": 9, "completion_tokens": 3, "estimated": False}
