@@ -19,7 +19,8 @@ from jsonio import dumps, loads
 from models import Kind, Status
 from services.bus.base import Member, publisher_offline
 from services.errors import BadGateway, ClientGone, ServiceError, Unavailable, envelope
-from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Route, Target, sse_event
+from services.inference import (SSE_DONE, SSE_KEEPALIVE, Reply, Route, Target, sse_chunk,
+                                sse_event)
 from services.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -217,8 +218,8 @@ class Relay:
                 kind, value = event
                 if kind == "keepalive":
                     yield SSE_KEEPALIVE
-                elif kind == "chunks":
-                    yield b"".join(sse_event(chunk.encode()) for chunk in value)
+                elif kind == "chunks":  # what arrived together goes in one write
+                    yield b"".join(sse_chunk(chunk) for chunk in value)
                 else:  # a result posted after the stream had started
                     yield sse_event(dumps(self._late_outcome_error(target, value)))
                     return
