@@ -186,5 +186,28 @@ def sse_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+# A chunk with an SSE event name travels the bus as one string: the mark, the
+# name, a newline, the payload. A payload that starts with the mark itself
+# travels with an empty name, so every string reads back one way.
+EVENT_MARK = "\x00"
+
+
+def bus_chunk(data: str, event: str | None = None) -> str:
+    """A posted chunk (`data`, optional `event` name) as the bus carries it."""
+    if event or data.startswith(EVENT_MARK):
+        return f"{EVENT_MARK}{event or ''}\n{data}"
+    return data
+
+
+def sse_chunk(chunk: str) -> bytes:
+    """The SSE bytes of a chunk from `bus_chunk`: its `event:` line, if it has
+    a name, and its `data:` lines."""
+    if not chunk.startswith(EVENT_MARK):
+        return sse_event(chunk.encode())
+    event, _, data = chunk[1:].partition("\n")
+    framed = sse_event(data.encode())
+    return b"event: " + event.encode() + b"\n" + framed if event else framed
+
+
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keepalive\n\n"

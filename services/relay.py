@@ -22,7 +22,8 @@ from models import Kind, Status
 from services import metrics, request_ids
 from services.bus.base import Member, publisher_offline
 from services.errors import BadGateway, ClientGone, GatewayTimeout, ServiceError, Unavailable
-from services.inference import CHAT, SSE_KEEPALIVE, Endpoint, Reply, Route, Target, sse_event
+from services.inference import (CHAT, SSE_KEEPALIVE, Endpoint, Reply, Route, Target, sse_chunk,
+                                sse_event)
 from services.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -245,8 +246,8 @@ class Relay:
                 kind, value = event
                 if kind == "keepalive":
                     yield SSE_KEEPALIVE
-                elif kind == "chunks":
-                    yield b"".join(sse_event(chunk.encode()) for chunk in value)
+                elif kind == "chunks":  # what arrived together goes in one write
+                    yield b"".join(sse_chunk(chunk) for chunk in value)
                 else:  # a result posted after the stream had started
                     yield endpoint.failure_event(self._late_outcome_error(target, value))
                     return

@@ -68,7 +68,7 @@ class FakeOpenAI:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -128,6 +128,10 @@ class FakeOpenAI:
     def _next_reply(self) -> ScriptedReply | None:
         with self._lock:
             return self._replies.popleft() if self._replies else None
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512   # many streams connect at once (the default backlog is 5)
 
 
 def completion(content, model="fake-model") -> dict:
