@@ -5,7 +5,8 @@ small answers. Run as its own process:
 
 `POST /v1/chat/completions` answers one chat.completion, or with
 `"stream": true` a chunked SSE body of CHUNKS chat.completion.chunk events
-and `data: [DONE]`; `GET /v1/models` lists one model. It prints `ready` on
+and `data: [DONE]`; `POST /v1/embeddings` answers one vector of DIMENSIONS
+per input (a small embedding model's size); `GET /v1/models` lists one model. It prints `ready` on
 stdout once listening.
 """
 import argparse
@@ -17,6 +18,7 @@ import orjson
 
 MODEL = "bench-model"
 CHUNKS = 8
+DIMENSIONS = 384
 
 
 def _http(status: bytes, content_type: bytes, body: bytes) -> bytes:
@@ -49,6 +51,16 @@ def _stream() -> bytes:
             b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: keep-alive\r\n\r\n" + frames)
 
+
+def _embeddings(count: int) -> bytes:
+    vector = [round((i % 97) / 97 - 0.5, 6) for i in range(DIMENSIONS)]
+    return _http(b"200 OK", b"application/json", json.dumps({
+        "object": "list", "model": MODEL,
+        "data": [{"object": "embedding", "index": n, "embedding": vector} for n in range(count)],
+        "usage": {"prompt_tokens": 4 * count, "total_tokens": 4 * count}}).encode())
+
+
+EMBEDDING_RESPONSES: dict[int, bytes] = {}  # by the number of inputs
 
 COMPLETION_RESPONSE = _http(b"200 OK", b"application/json", _completion())
 STREAM_RESPONSE = _stream()
@@ -106,6 +118,15 @@ class UpstreamProtocol(asyncio.Protocol):
             except orjson.JSONDecodeError:
                 return BAD_REQUEST_RESPONSE
             return STREAM_RESPONSE if request.get("stream") is True else COMPLETION_RESPONSE
+        if method == b"POST" and path.rstrip(b"/") == b"/v1/embeddings":
+            try:
+                inputs = orjson.loads(body)["input"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return BAD_REQUEST_RESPONSE
+            count = 1 if isinstance(inputs, str) else min(len(inputs), 2048)
+            if count not in EMBEDDING_RESPONSES:
+                EMBEDDING_RESPONSES[count] = _embeddings(count)
+            return EMBEDDING_RESPONSES[count]
         if method == b"GET" and path.rstrip(b"/") == b"/v1/models":
             return MODELS_RESPONSE
         return NOT_FOUND_RESPONSE

@@ -3,7 +3,8 @@ each `infer` task from the fake upstream, non-streamed as one result, streamed
 as chunk batches (a batch is whatever arrived while the previous POST was in
 flight). asyncio + aiohttp, in its own process:
 
-    python -m bench.relay_publisher --server URL --token T --upstream URL --llm NAME
+    python -m bench.relay_publisher --server URL --token T --upstream URL --llm NAME \
+        [--endpoints chat/completions,embeddings]
 
 It prints `ready <session_id>` once registered, and exits on SIGTERM.
 """
@@ -19,18 +20,19 @@ POLL_WAIT = 20
 
 
 class RelayPublisher:
-    def __init__(self, http, server, token, upstream, llm):
+    def __init__(self, http, server, token, upstream, llm, endpoints=("chat/completions",)):
         self.http = http
         self.api = f"{server}/api/v1"
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self.upstream = upstream
         self.llm = llm
+        self.endpoints = list(endpoints)
         self.session_id = None
         self.running = set()
 
     async def register(self, initial_status="active"):
         body = {"llms": [{"name": self.llm, "type": "openai", "model": "bench-model",
-                          "initial_status": initial_status}]}
+                          "initial_status": initial_status, "endpoints": self.endpoints}]}
         async with self.http.post(f"{self.api}/publishers/register", data=orjson.dumps(body),
                                   headers=self.headers) as response:
             response.raise_for_status()
@@ -55,7 +57,8 @@ class RelayPublisher:
         elif task["kind"] == "infer" and task["streaming"]:
             await self.stream(task_id, task["body"])
         elif task["kind"] == "infer":
-            async with self.http.post(f"{self.upstream}/chat/completions",
+            endpoint = task.get("endpoint", "chat/completions")
+            async with self.http.post(f"{self.upstream}/{endpoint}",
                                       data=orjson.dumps(task["body"])) as response:
                 body = orjson.loads(await response.read())
                 status = response.status
@@ -95,7 +98,8 @@ async def main(args):
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=POLL_WAIT + 10, sock_connect=5)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
-        publisher = RelayPublisher(http, args.server, args.token, args.upstream, args.llm)
+        publisher = RelayPublisher(http, args.server, args.token, args.upstream, args.llm,
+                                   args.endpoints.split(","))
         await publisher.register(args.initial_status)
         print("ready", publisher.session_id, flush=True)
         stop = asyncio.Event()
@@ -113,4 +117,6 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--llm", required=True)
     parser.add_argument("--initial-status", default="active")
+    parser.add_argument("--endpoints", default="chat/completions",
+                        help="comma-separated endpoints the LLM serves")
     asyncio.run(main(parser.parse_args()))

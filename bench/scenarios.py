@@ -84,6 +84,7 @@ class Relay(Scenario):
                "over": "relay-bare", **INSTRUMENT_TARGETS}
     llm = "bench-relay"
     bus = "memory"
+    endpoints = "chat/completions"  # what the publisher declares, comma-separated
     instrument = True
 
     def __init__(self):
@@ -94,7 +95,7 @@ class Relay(Scenario):
         self.publisher = subprocess.Popen(
             [sys.executable, "-m", "bench.relay_publisher", "--server", server.url,
              "--token", server.tokens["publisher"], "--upstream", ctx.upstream.url,
-             "--llm", self.llm], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+             "--llm", self.llm, "--endpoints", self.endpoints], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
         line = self.publisher.stdout.readline()
         if not line.startswith("ready"):
             self.close()

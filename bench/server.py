@@ -97,11 +97,11 @@ class BenchContext:
         return self._switchboards[key]
 
     def register_public_llm(self, name: str, url: str, bus: str = "memory",
-                            instrument: bool = True) -> None:
+                            instrument: bool = True, **fields) -> None:
         server = self.switchboard(bus, instrument)
         response = self.http.post(f"{server.url}/api/v1/llms", headers=server.headers("admin"),
                                   json={"name": name, "model": "bench-model", "url": url,
-                                        "api_key": "sk-bench"}, timeout=10)
+                                        "api_key": "sk-bench", **fields}, timeout=10)
         response.raise_for_status()
 
     def close(self):

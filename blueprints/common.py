@@ -28,11 +28,23 @@ def authenticate_request():
     preflight carries no token by design: refuse_foreign_preflight has judged it."""
     if is_preflight():
         return
-    caller, touched = tokens.authenticate(db.session, request.headers.get("Authorization"),
-                                          utcnow())
+    caller, touched = tokens.authenticate(db.session, authorization(), utcnow())
     if touched:
         db.session.commit()
     g.caller = caller
+
+
+# Anthropic's SDKs send the token as `x-api-key`; it counts on its routes.
+ANTHROPIC_PATHS = frozenset({"/v1/messages"})
+
+
+def authorization() -> str | None:
+    """The request's `Authorization` header; on Anthropic's routes, a bare
+    `x-api-key` as its bearer token."""
+    header = request.headers.get("Authorization")
+    if header is None and request.path in ANTHROPIC_PATHS and "x-api-key" in request.headers:
+        header = f"Bearer {request.headers['x-api-key']}"
+    return header
 
 
 def authenticate_unmatched():

@@ -8,9 +8,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from blueprints.common import ANTHROPIC_PATHS
 from blueprints.instrumentation import note_rejection
 from services import database
-from services.errors import ServiceError, envelope
+from services.errors import ServiceError, anthropic_envelope, envelope
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,11 @@ HTTP_TYPES = {
 
 
 def error_response(status, message, type_, code, details=None, headers=None):
-    response = jsonify(envelope(message, type_, code, details))
+    """Our envelope; Anthropic's on its routes, whose SDKs read only that."""
+    if request.path in ANTHROPIC_PATHS:
+        response = jsonify(anthropic_envelope(status, message))
+    else:
+        response = jsonify(envelope(message, type_, code, details))
     response.status_code = status
     response.headers.update(headers or {})
     return response

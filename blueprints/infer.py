@@ -5,8 +5,9 @@ from blueprints import instrumentation
 from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db, relay
 from jsonio import dumps
-from schemas.inference import chat_completion
+from schemas.inference import BODY_SCHEMAS
 from services import inference
+from services.inference import CHAT, Endpoint
 
 bp = Blueprint("infer", __name__)
 
@@ -17,11 +18,12 @@ def infer(name):
     return run_inference(name, inference_body())
 
 
-def inference_body() -> dict:
-    """The chat-completions body, checked where we know its fields; the
-    original dict (not the loaded one) goes on, so unknown fields pass untouched."""
+def inference_body(endpoint: Endpoint = CHAT) -> dict:
+    """The endpoint's body (chat completions unless said), checked where we
+    know its fields; the original dict (not the loaded one) goes on, so
+    unknown fields pass untouched."""
     body = json_body()
-    errors = chat_completion.validate(body)
+    errors = BODY_SCHEMAS[endpoint.path].validate(body)
     if errors:
         raise ValidationError(errors)
     return body
@@ -33,12 +35,15 @@ def infer_on_pool(model):
     return run_inference(inference.POOL_PREFIX + model, inference_body())
 
 
-def run_inference(name: str, body: dict) -> Response:
-    """Run `body` on an LLM or, for `pool:<model>`, on a member of the pool."""
-    route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live)
+def run_inference(name: str, body: dict, endpoint: Endpoint = CHAT, headers=None) -> Response:
+    """Run `body` for `endpoint` on an LLM or, for `pool:<model>`, on a member
+    of the pool; `headers` go on to a public upstream."""
+    route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live,
+                            endpoint.path)
     db.session.close()  # hold no pooled connection while the relay waits
     return to_response(instrumentation.observed(relay()).infer(
-        route, body, client_connected=peer_connected(request.environ), token=caller().id))
+        route, body, client_connected=peer_connected(request.environ), token=caller().id,
+        endpoint=endpoint, headers=headers))
 
 
 def to_response(reply: inference.Reply) -> Response:

@@ -1,20 +1,21 @@
-"""OpenAI-compatible aliases, so `openai.OpenAI(base_url=".../v1")` works unchanged.
+"""OpenAI-compatible aliases, so `openai.OpenAI(base_url=".../v1")` works
+unchanged, and Anthropic's messages, so does `anthropic.Anthropic(base_url=...)`.
 
-`model: "agent:<name>"` runs a stateless call through an agent: its system
-text first, its default params under the body's own fields. Any other path
-under /v1 is a 404 envelope naming these routes (blueprints/errors.py).
+`model: "agent:<name>"` runs a stateless chat call through an agent: its
+system text first, its default params under the body's own fields. Any other
+path under /v1 is a 404 envelope naming these routes (blueprints/errors.py).
 """
 import calendar
 import contextlib
 
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, request
 
 from blueprints.common import authenticate_request, require
 from blueprints.infer import inference_body, run_inference
 from extensions import db
 from models import Status
 from services import agents, registry
-from services.inference import POOL_PREFIX
+from services.inference import ENDPOINT, POOL_PREFIX
 from services.errors import Invalid, NotFound
 
 AGENT_PREFIX = "agent:"
@@ -75,6 +76,47 @@ def chat_completions():
         if name.startswith(AGENT_PREFIX):
             name, body = agents.through_agent(db.session, name[len(AGENT_PREFIX):], body)
         return run_inference(name, body)
+
+
+@bp.post("/completions")
+@require("client")
+def completions():
+    return _relayed("completions")
+
+
+@bp.post("/embeddings")
+@require("client")
+def embeddings():
+    return _relayed("embeddings")
+
+
+@bp.post("/responses")
+@require("client")
+def responses():
+    return _relayed("responses")
+
+
+# Anthropic's request headers that a public upstream needs to see.
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+
+
+@bp.post("/messages")
+@require("client")
+def messages():
+    """Anthropic's messages (its token may come as `x-api-key`, and our errors
+    here use its envelope: blueprints/common.py, blueprints/errors.py)."""
+    headers = {name: request.headers[name] for name in ANTHROPIC_HEADERS
+               if name in request.headers}
+    return _relayed("messages", headers)
+
+
+def _relayed(path: str, headers=None):
+    """The body checked where we know its fields, then relayed as it is but
+    for `model`; the backend's status and body come back as they are."""
+    endpoint = ENDPOINT[path]
+    body = inference_body(endpoint)
+    with models_hint():
+        return run_inference(body["model"], body, endpoint, headers)
 
 
 def _model(model_id, row) -> dict:

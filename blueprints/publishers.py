@@ -1,4 +1,5 @@
-"""The publisher protocol: register, heartbeat, long-poll, result, chunks, disconnect."""
+"""The publisher protocol: register, heartbeat, long-poll, result, chunks (one
+task's, or many tasks' of a session at once), disconnect."""
 import logging
 import math
 
@@ -8,7 +9,7 @@ from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db
 from models import utcnow
 from schemas import publisher as schemas
-from services import lifecycle
+from services import lifecycle, streams
 
 bp = Blueprint("publishers", __name__)
 log = logging.getLogger(__name__)
@@ -81,3 +82,13 @@ def post_chunks(task_id):
     bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
                       data["done"], owner=lifecycle.task_owner(caller()))
     return {"accepted": True}
+
+
+@bp.post("/publishers/<session_id>/chunks")
+@require("publisher")
+def post_session_chunks(session_id):
+    data = json_body(schemas.session_chunks)
+    owner = lifecycle.task_owner(caller())
+    lifecycle.owned_session(db.session, caller(), session_id)
+    db.session.close()  # hold no pooled connection during the bus call
+    return {"results": streams.push_session_chunks(bus(), session_id, owner, data["tasks"])}

@@ -11,6 +11,11 @@ from sqlalchemy.orm import Mapped, declared_attr, mapped_column
 # it cannot hold \u0000, which the schemas refuse anyway), JSON text elsewhere.
 JSON = sa.JSON().with_variant(JSONB(), "postgresql")
 
+# The inference endpoints an LLM may serve (its `endpoints`), as the paths
+# under /v1 that clients call and that a backend serves under its URL.
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+DEFAULT_ENDPOINT = "chat/completions"
+
 
 def new_id() -> str:
     return uuid.uuid4().hex

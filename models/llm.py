@@ -5,7 +5,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from extensions import db
-from models.common import JSON, LifecycleMixin, created_column, id_column, iso, updated_column
+from models.common import (DEFAULT_ENDPOINT, JSON, LifecycleMixin, created_column, id_column,
+                           iso, updated_column)
 
 
 class Llm(LifecycleMixin, db.Model):
@@ -27,6 +28,10 @@ class Llm(LifecycleMixin, db.Model):
     extra_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # At most this many requests in flight at once (None: no server-side cap).
     max_concurrency: Mapped[int | None]
+    # What the backend serves, of services/inference.py's ENDPOINTS.
+    endpoints: Mapped[list[str]] = mapped_column(
+        JSON, default=lambda: [DEFAULT_ENDPOINT],
+        server_default=sa.text(f"'[\"{DEFAULT_ENDPOINT}\"]'"))
     created_at: Mapped[datetime] = created_column()
     updated_at: Mapped[datetime] = updated_column()
 
@@ -44,6 +49,7 @@ class Llm(LifecycleMixin, db.Model):
             "description": self.description,
             "extra_config": self.extra_config or {},
             "max_concurrency": self.max_concurrency,
+            "endpoints": list(self.endpoints or [DEFAULT_ENDPOINT]),
             **self.lifecycle_view(),
             "has_api_key": bool(self.api_key),
             "created_at": iso(self.created_at),

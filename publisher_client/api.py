@@ -83,6 +83,16 @@ class SwitchboardAPI:
             payload["done"] = True
         self._call("POST", f"/tasks/{task_id}/chunks", json=payload, not_found=TaskGone)
 
+    def post_session_chunks(self, session_id: str, entries: list[dict]) -> list[dict]:
+        """Post the chunks of many streams of the session at once: `entries`
+        are `{task_id, chunks: [{data}], seq, done?}`. Returns the server's
+        per-entry results, in order: `{task_id, accepted: true}` or
+        `{task_id, error: {status, code, message}}`. Raises SessionNotFound,
+        ServerUnavailable (retry: the server deduplicates by seq) or ServerError."""
+        reply = self._call("POST", f"/publishers/{session_id}/chunks", json={"tasks": entries},
+                           not_found=SessionNotFound)
+        return reply.get("results")
+
     def disconnect(self, session_id: str):
         """End the session: the server marks our rows inactive at once."""
         self._call("DELETE", f"/publishers/{session_id}", expect=204, not_found=SessionNotFound)

@@ -1,15 +1,16 @@
 """The publisher: register, heartbeat, long-poll, run tasks, disconnect.
 
 Threads: the caller's thread registers and long-polls; a timer thread
-heartbeats; every task runs in a thread of its own, and an LLM's infer
-tasks take one of its `max_concurrency` slots first (the rest wait in
-line). They are daemon threads, so a backend that never answers cannot hold
-up the exit. A cancel task (or a 410 from the server) aborts the matching
-backend request at once.
+heartbeats; an LLM's infer tasks run on its pool of at most
+`max_concurrency` threads (the rest wait in line, a bounded one); one
+sender thread posts every stream's chunks together (streaming.py). They
+are daemon threads, so a backend that never answers cannot hold up the
+exit. A cancel task (or a 410 from the server) aborts the matching backend
+request at once.
 """
 import contextlib
-import functools
 import logging
+import queue
 import threading
 import time
 
@@ -21,7 +22,7 @@ from publisher_client.errors import (BackendUnavailable, PublisherError, ServerE
                                      ServerUnavailable, SessionNotFound, TaskFailure, TaskGone,
                                      WakeError)
 from publisher_client.session_file import load_session_id, save_session_id
-from publisher_client.streaming import ChunkStream
+from publisher_client.streaming import SessionSender
 from publisher_client.wake import Waker
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,58 @@ REGISTER_AGAIN_SECONDS = 5.0   # forgotten again this soon after a register: bac
 SHUTDOWN_WAIT_SECONDS = 15.0   # for a heartbeat or register in flight, before the DELETE
 CUT_POLL_SECONDS = 2.0         # a poll that lost its connection after this long was cut, not refused
 MIN_POLL_WAIT = 1.0
+BACKLOG_PER_LLM = 256          # tasks waiting in line for an LLM's pool (the server's default cap)
+IDLE_THREAD_SECONDS = 30.0     # a pool thread with nothing to do for this long ends
+
+
+class TaskPool:
+    """At most `size` daemon threads run an LLM's tasks, started as tasks
+    come and ended when idle; up to `backlog` more tasks wait in line."""
+
+    def __init__(self, name: str, size: int, backlog: int = BACKLOG_PER_LLM,
+                 idle_seconds: float = IDLE_THREAD_SECONDS):
+        self.name = name
+        self.size = size
+        self.idle_seconds = idle_seconds
+        self._queue: queue.Queue = queue.Queue(maxsize=backlog)
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._waiting = 0
+
+    def submit(self, fn, *args) -> bool:
+        """Run fn(*args) on the pool; False when the line is full."""
+        with self._lock:
+            try:
+                self._queue.put_nowait((fn, args))
+            except queue.Full:
+                return False
+            self._waiting += 1
+            if self._waiting > self._idle and self._threads < self.size:
+                self._threads += 1
+                _spawn(self._work, name=f"llm-{self.name}-{self._threads}")
+        return True
+
+    def _work(self):
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                fn, args = self._queue.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if self._queue.empty():
+                        self._threads -= 1
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+                self._waiting -= 1
+            try:
+                fn(*args)
+            except Exception:  # the task logs its own failures; the thread lives on
+                log.exception("a task of LLM %s failed", self.name)
 
 
 class LocalLlm:
@@ -43,7 +96,7 @@ class LocalLlm:
         self.backend = create_backend(config)
         self.waker = (Waker(config.name, self.backend, config.wake, on_tick=on_wake_tick)
                       if config.wake else None)
-        self.slots = threading.BoundedSemaphore(config.max_concurrency)
+        self.pool = TaskPool(config.name, config.max_concurrency)
 
     def register_item(self) -> dict:
         """This LLM as the server's register payload wants it. The seed's
@@ -83,6 +136,7 @@ class Publisher:
         self._heartbeat_lock = threading.Lock()
         self._calls: dict[str, Call] = {}
         self._calls_lock = threading.Lock()
+        self.sender = SessionSender(self.api.post_session_chunks)
         self._last_heartbeat = 0.0
         self._heartbeat_thread: threading.Thread | None = None
         self.poll_wait = config.poll_wait_seconds  # shortened when a proxy cuts long polls
@@ -169,6 +223,7 @@ class Publisher:
             calls = list(self._calls.values())
         for call in calls:
             call.abort()
+        self.sender.close()
         # A heartbeat or register in flight would revive the rows right after
         # the DELETE: let it land first. Once stopping, none starts.
         with _holding(self._heartbeat_lock), _holding(self._register_lock):
@@ -340,7 +395,13 @@ class Publisher:
         if kind == "wake":
             _spawn(self._run_wake, llm, task_id, name=f"wake-{task_id}")
             return
-        _spawn(self._run_infer, llm, task, call, name=f"infer-{task_id}")
+        if not llm.pool.submit(self._infer, llm, task, call):
+            with self._calls_lock:
+                self._calls.pop(task_id, None)
+            log.warning("task %s: %s has %d tasks waiting in line already; refusing it",
+                        task_id, llm.name, BACKLOG_PER_LLM)
+            _spawn(self._post_result, task_id, {"error": f"the publisher of LLM '{llm.name}' "
+                                                         "is too busy"}, name=f"task-{task_id}")
 
     def _run_wake(self, llm: LocalLlm, task_id: str):
         try:
@@ -361,10 +422,6 @@ class Publisher:
             return
         self.heartbeat()
         self._post_result(task_id, {"status": 200, "body": {"ok": True, "ms": ms}})
-
-    def _run_infer(self, llm: LocalLlm, task: dict, call: Call):
-        with llm.slots:
-            self._infer(llm, task, call)
 
     def _infer(self, llm: LocalLlm, task: dict, call: Call):
         task_id, started = task["task_id"], time.monotonic()
@@ -405,8 +462,7 @@ class Publisher:
             return llm.backend.answer(body, streaming, call)
 
     def _relay_stream(self, task_id, llm, chunks, call, started):
-        stream = ChunkStream(functools.partial(self.api.post_chunks, task_id),
-                             on_gone=call.abort)
+        stream = self.sender.open(self.session_id, task_id, on_gone=call.abort)
         try:
             for data in chunks:
                 if data == DONE:   # sent with the final batch (and added if missing)

@@ -1,13 +1,22 @@
-"""Post a streamed answer's chunks to the server in batches.
+"""Post every running stream's chunks to the server together: one sender
+thread per publisher, one `POST /publishers/<sid>/chunks` per batch window,
+whatever the number of streams (DESIGN.md, "Streams at a real model's pace").
 
-The backend reader puts chunks in as they arrive; a sender thread takes the
-first waiting chunk, gathers whatever else arrives within `linger` seconds
-(or until the batch is full) and posts them as one batch. Chunks that arrive
-while a post is in flight wait for the next one, so a fast backend needs a
-handful of posts and a slow one adds at most `linger` to each token's latency.
+Each backend reader puts its chunks into its own `Stream`; the sender posts
+what all the streams have gathered once the oldest waiting chunk is a window
+old. The window grows with the number of running streams (MIN_WINDOW for a
+lone one, up to MAX_WINDOW under many), and a stream's first chunk and its
+end go within a quarter of it: a client's first token and its `[DONE]` come
+quickly, the tokens between ride in shared posts. Chunks that arrive while a
+post is in flight wait for the next one.
+
+Each entry carries `seq` (the stream's chunks the server has accepted), so a
+retried POST never duplicates text. The server answers per entry: a 410 (the
+client went away) stops that stream only, a 429 (its client reads slowly)
+holds that stream's chunks for a moment; a POST the server cannot take at
+all is retried with backoff, then its streams stop.
 """
 import logging
-import queue
 import threading
 import time
 
@@ -16,139 +25,288 @@ from publisher_client.errors import ServerError, ServerUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_CHUNKS = 64
-MAX_BYTES = 256 * 1024   # well under the server's 4 MiB body limit
-LINGER = 0.02
-MAX_ATTEMPTS = 8         # per batch, with backoff: about a minute of server trouble
-MAX_QUEUED = 4 * MAX_CHUNKS  # then the backend reader waits: a slow client holds the backend back
+MAX_ENTRIES = 256             # the server's cap on one POST
+MAX_CHUNKS = 2048             # chunks in one POST
+MAX_BYTES = 1024 * 1024       # well under the server's 4 MiB body limit
+MAX_QUEUED = 256              # a stream's unsent chunks; then its reader waits
+MIN_WINDOW = 0.002            # a lone stream's chunks go this soon
+PER_STREAM_WINDOW = 0.0003    # each more running stream widens the window this much
+MAX_WINDOW = 0.05
+URGENT_SHARE = 0.25           # a first chunk or an end waits this share of the window
+MAX_ATTEMPTS = 8              # per POST, with backoff: about a minute of server trouble
+SLOW_CLIENT_PAUSE = 1.0       # a stream whose client reads slowly (429) waits this long
+IDLE_TICK = 1.0               # the sender looks at least this often, even idle
+FINISH_TIMEOUT = 300.0        # finish() gives up waiting for the sender after this long
 
 
-class _End:
-    def __init__(self, done: bool, last: str | None = None):
-        self.done = done
-        self.last = last
+class Stream:
+    """One task's stream, fed by its backend reader: `put` each chunk, then
+    `finish` (or `cancel`). `sent`: chunks the server accepted; `posts`:
+    POSTs that carried some of them."""
 
-
-class ChunkStream:
-    """`post(chunks, seq, done)` sends one batch; it may raise TaskGone (stop:
-    the client is gone), ServerUnavailable (retried with the same seq, which
-    the server deduplicates) or ServerError. `on_gone()` is called once
-    when the stream has to stop early, to abort the backend request."""
-
-    def __init__(self, post, on_gone=lambda: None, max_chunks=MAX_CHUNKS, max_bytes=MAX_BYTES,
-                 linger=LINGER, backoff=None, max_attempts=MAX_ATTEMPTS, clock=time.monotonic):
-        self.post = post
+    def __init__(self, sender: "SessionSender", session_id: str, task_id: str, on_gone):
+        self.sender = sender
+        self.session_id = session_id
+        self.task_id = task_id
         self.on_gone = on_gone
+        self.sent = 0
+        self.posts = 0
+        self.pending: list[str] = []   # not yet accepted, oldest first
+        self.since: float | None = None  # when the oldest pending chunk (or the end) came
+        self.end_done: bool | None = None  # set by finish(): whether the stream ends `done`
+        self.retry_at = 0.0
+        self.taken_at = 0.0               # when the sender last took chunks of it
+        self.gone = threading.Event()      # stopped early: the client went away, or failure
+        self.finished = threading.Event()  # nothing more to do, either way
+
+    def put(self, data: str):
+        """Queue a chunk; waits while this stream has MAX_QUEUED unsent (the
+        server holds it back), and drops it once the stream has stopped."""
+        with self.sender._cond:
+            while len(self.pending) >= self.sender.max_queued and not self.gone.is_set():
+                self.sender._cond.wait(0.1)
+            if self.gone.is_set():
+                return
+            self._add(data)
+
+    def finish(self, done: bool = True, last: str | None = None,
+               timeout: float = FINISH_TIMEOUT) -> bool:
+        """Send what is left and wait until the server has it. The last entry
+        carries `done` and ends with `last` (the stream's "[DONE]": in the
+        same entry as `done`, a client never sees the end of a stream the
+        server does not know has ended). Returns False when the stream
+        stopped early (gone)."""
+        with self.sender._cond:
+            if not self.gone.is_set():
+                if last is not None:
+                    self._add(last)
+                self.end_done = done
+                self.since = self.since or self.sender.clock()
+                self.sender._cond.notify_all()
+        self.finished.wait(timeout)
+        return self.finished.is_set() and not self.gone.is_set()
+
+    def cancel(self):
+        """Drop what is queued; the backend is already stopping."""
+        with self.sender._cond:
+            self.gone.set()
+            self.pending.clear()
+            self.sender._forget(self)
+            self.finished.set()
+
+    def _add(self, data):
+        if not self.pending:
+            self.since = self.sender.clock()
+        self.pending.append(data)
+        self.sender._cond.notify_all()
+
+    def _urgent(self) -> bool:
+        return self.sent == 0 or self.end_done is not None
+
+    def _ready(self, now) -> bool:
+        return (bool(self.pending) or self.end_done is not None) and now >= self.retry_at
+
+
+class SessionSender:
+    """The one sender of a publisher's streams. `post(session_id, entries)`
+    sends one batch and returns the server's per-entry results; it may raise
+    ServerUnavailable (retried, same seq: the server deduplicates) or
+    ServerError (the session itself was refused: its streams stop)."""
+
+    def __init__(self, post, max_entries=MAX_ENTRIES, max_chunks=MAX_CHUNKS,
+                 max_bytes=MAX_BYTES, max_queued=MAX_QUEUED, min_window=MIN_WINDOW,
+                 per_stream_window=PER_STREAM_WINDOW, max_window=MAX_WINDOW, backoff=None,
+                 max_attempts=MAX_ATTEMPTS, clock=time.monotonic):
+        self.post = post
+        self.max_entries = max_entries
         self.max_chunks = max_chunks
         self.max_bytes = max_bytes
-        self.linger = linger
+        self.max_queued = max_queued
+        self.min_window = min_window
+        self.per_stream_window = per_stream_window
+        self.max_window = max_window
         self.backoff = backoff or Backoff(base=0.25, cap=10.0)
         self.max_attempts = max_attempts
         self.clock = clock
-        self.sent = 0        # chunks the server accepted
-        self.posts = 0       # batches posted (retries not counted)
-        self.gone = threading.Event()
-        self._queue: queue.Queue = queue.Queue(maxsize=MAX_QUEUED)
-        self._thread = threading.Thread(target=self._run, name="chunk-sender", daemon=True)
-        self._thread.start()
+        self.posts = 0
+        self._cond = threading.Condition()
+        self._streams: dict[str, Stream] = {}
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
-    def put(self, data: str):
-        """Queue a chunk; waits while the queue is full (the server holds us
-        back), and drops it once the stream has stopped."""
-        self._put(data)
+    def open(self, session_id: str, task_id: str, on_gone=lambda: None) -> Stream:
+        """A new stream of the session's task. `on_gone()` is called once
+        when it has to stop early, to abort the backend request."""
+        stream = Stream(self, session_id, task_id, on_gone)
+        with self._cond:
+            self._streams[task_id] = stream
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="chunk-sender",
+                                                daemon=True)
+                self._thread.start()
+        return stream
 
-    def _put(self, item):
-        while not self.gone.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def close(self, timeout: float = 5.0):
+        """Stop every stream and the sender thread."""
+        with self._cond:
+            self._closed = True
+            streams = list(self._streams.values())
+            self._cond.notify_all()
+        for stream in streams:
+            self._stop(stream)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
-    def finish(self, done: bool = True, last: str | None = None,
-               timeout: float | None = None) -> bool:
-        """Flush what is queued and wait for the sender. The last batch
-        carries `done` and ends with `last` (the stream's "[DONE]": in the
-        same post as `done`, a client never sees the end of a stream the
-        server does not know has ended). Returns False when the stream
-        stopped early (gone)."""
-        self._put(_End(done, last))
-        self._thread.join(timeout)
-        return not self.gone.is_set()
+    def window(self) -> float:
+        """How long the oldest waiting chunk may wait for company, now."""
+        return min(self.max_window,
+                   self.min_window + self.per_stream_window * max(0, len(self._streams) - 1))
 
-    def cancel(self):
-        """Drop what is queued and let the sender end; the backend is already stopping."""
-        self.gone.set()
-        try:
-            self._queue.put_nowait(_End(False))
-        except queue.Full:  # the sender sees `gone` after the batch in hand
-            pass
+    # -- the sender thread ------------------------------------------------------
 
     def _run(self):
         try:
             while True:
-                batch, end = self._take_batch()
-                if self.gone.is_set():   # cancelled meanwhile
+                batch = self._gather()
+                if batch is None:
                     return
-                if batch or (end is not None and end.done):
-                    self._post(batch, end is not None and end.done)
-                if end is not None:
-                    return
-        except ServerError as exc:  # TaskGone (410, 404), 409, or the retries ran out
-            log.info("stream stopped: %s", exc)
-            self._stop()
-        except Exception:  # never leave the backend streaming into the void
+                self._send(*batch)
+        except Exception:  # never leave backends streaming into the void
             log.exception("chunk sender failed")
-            self._stop()
+            with self._cond:
+                streams = list(self._streams.values())
+            for stream in streams:
+                self._stop(stream)
 
-    def _take_batch(self) -> tuple[list[str], _End | None]:
-        first = self._queue.get()
-        if isinstance(first, _End):
-            return ([first.last] if first.last is not None else []), first
-        batch, size = [first], len(first)
-        deadline = self.clock() + self.linger
-        while len(batch) < self.max_chunks and size < self.max_bytes:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if isinstance(item, _End):
-                if item.last is not None:
-                    batch.append(item.last)
-                return batch, item
-            batch.append(item)
-            size += len(item)
-        return batch, None
+    def _gather(self):
+        """Wait for the window, then take (session_id, [(stream, entry, taken, done)])."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                now = self.clock()
+                ready = [s for s in self._streams.values() if s._ready(now)]
+                if not ready:
+                    retry = [s.retry_at for s in self._streams.values()
+                             if s.retry_at > now and (s.pending or s.end_done is not None)]
+                    self._cond.wait(min([IDLE_TICK, *(at - now for at in retry)]))
+                    continue
+                window = self.window()
+                due = min((s.since or now) + (window * URGENT_SHARE if s._urgent() else window)
+                          for s in ready)
+                if now >= due or self._full(ready):
+                    return self._take(ready)
+                self._cond.wait(due - now)
 
-    def _post(self, batch: list[str], done: bool):
+    def _full(self, ready) -> bool:
+        return (len(ready) >= self.max_entries
+                or sum(len(s.pending) for s in ready) >= self.max_chunks)
+
+    def _take(self, ready):
+        batch, chunks, size, now = [], 0, 0, self.clock()
+        ready.sort(key=lambda s: s.since or now)
+        session_id = ready[0].session_id
+        for stream in ready:
+            if stream.session_id != session_id:
+                continue   # another session's (after a new register): the next post
+            if (len(batch) >= self.max_entries or chunks >= self.max_chunks
+                    or size >= self.max_bytes):
+                break
+            stream.taken_at = now
+            taken = 0
+            for data in stream.pending:
+                if taken and (chunks + taken >= self.max_chunks
+                              or size + len(data) >= self.max_bytes):
+                    break
+                taken += 1
+                size += len(data)
+            chunks += taken
+            done = stream.end_done is True and taken == len(stream.pending)
+            entry = {"task_id": stream.task_id, "seq": stream.sent,
+                     "chunks": [{"data": data} for data in stream.pending[:taken]]}
+            if done:
+                entry["done"] = True
+            if not taken and not done:  # an end without `done` and nothing left: over
+                self._forget(stream)
+                stream.finished.set()
+                continue
+            batch.append((stream, entry, taken, done))
+        return session_id, batch
+
+    def _send(self, session_id, batch):
+        if not batch:
+            return
         attempt = 0
         while True:
             attempt += 1
             try:
-                self.post(batch, self.sent, done)
+                results = self.post(session_id, [entry for _, entry, _, _ in batch])
+                if not isinstance(results, list) or len(results) != len(batch):
+                    raise ServerError("the server's answer to a chunk batch does not match it")
                 break
             except ServerUnavailable as exc:
-                if attempt >= self.max_attempts:
-                    raise ServerError(f"giving up on the stream after {attempt} attempts: "
-                                      f"{exc}") from None
+                if attempt >= self.max_attempts or all(s.gone.is_set() for s, *_ in batch):
+                    log.warning("giving up on %d stream(s) after %d attempts: %s",
+                                len(batch), attempt, exc)
+                    for stream, *_ in batch:
+                        self._stop(stream)
+                    return
                 log.warning("posting chunks failed (%s); retrying", exc)
                 self.backoff.wait()
-            except ServerError as exc:
-                # A retried final batch the server had already taken: done.
-                if exc.status == 409 and done and attempt > 1:
-                    break
-                raise
+            except ServerError as exc:   # the session itself was refused
+                log.warning("chunks refused: %s", exc)
+                for stream, *_ in batch:
+                    self._stop(stream)
+                return
         self.backoff.reset()
-        self.sent += len(batch)
         self.posts += 1
+        for (stream, entry, taken, done), result in zip(batch, results):
+            self._settle(stream, taken, done, result, attempt)
 
-    def _stop(self):
-        if not self.gone.is_set():
-            self.gone.set()
-            self.on_gone()
+    def _settle(self, stream, taken, done, result, attempt):
+        error = result.get("error") if isinstance(result, dict) else None
+        if error is None and isinstance(result, dict) and result.get("accepted"):
+            with self._cond:
+                if stream.gone.is_set():
+                    return
+                del stream.pending[:taken]
+                stream.sent += taken
+                stream.posts += 1
+                # What came during the post came after it started: due no later than so.
+                stream.since = (stream.taken_at if stream.pending or stream.end_done is not None
+                                else None)
+                if done:
+                    self._forget(stream)
+                    stream.finished.set()
+                self._cond.notify_all()   # a reader waiting for room
+            return
+        status = error.get("status") if isinstance(error, dict) else None
+        if status == 429:   # its client reads slowly: hold its chunks a moment
+            with self._cond:
+                stream.retry_at = self.clock() + SLOW_CLIENT_PAUSE
+            return
+        if status == 409 and done and attempt > 1:  # our earlier attempt got through
+            with self._cond:
+                self._forget(stream)
+                stream.finished.set()
+            return
+        log.info("stream of task %s stopped: %s", stream.task_id,
+                 error.get("message") if isinstance(error, dict) else result)
+        self._stop(stream)
+
+    def _stop(self, stream):
+        with self._cond:
+            first = not stream.gone.is_set()
+            stream.gone.set()
+            stream.pending.clear()
+            self._forget(stream)
+            stream.finished.set()
+            self._cond.notify_all()
+        if first:
+            stream.on_gone()
+
+    def _forget(self, stream):
+        """Called with the condition held."""
+        if self._streams.get(stream.task_id) is stream:
+            del self._streams[stream.task_id]

@@ -1,5 +1,6 @@
-from marshmallow import fields, validate
+from marshmallow import ValidationError, fields, validate
 
+from models import DEFAULT_ENDPOINT, ENDPOINTS
 from schemas.common import HttpUrl, Name, StrictInteger, StrictSchema
 
 LLM_TYPES = ("openai",)
@@ -9,6 +10,17 @@ TIERS = ("fast", "heavy")
 def MaxConcurrency(**kwargs):
     """Requests in flight at once, 1-1024; null: no server-side cap."""
     return StrictInteger(allow_none=True, validate=validate.Range(min=1, max=1024), **kwargs)
+
+
+def _unique(values):
+    if len(set(values)) != len(values):
+        raise ValidationError("Each endpoint may be listed once.")
+
+
+def Endpoints(**kwargs):
+    """The endpoints the backend serves: 1-5 of ENDPOINTS, each once."""
+    return fields.List(fields.String(validate=validate.OneOf(ENDPOINTS)),
+                       validate=[validate.Length(min=1, max=len(ENDPOINTS)), _unique], **kwargs)
 
 
 class LlmCreateSchema(StrictSchema):
@@ -22,6 +34,7 @@ class LlmCreateSchema(StrictSchema):
                             validate=validate.Length(max=10_000))
     extra_config = fields.Dict(keys=fields.String(), load_default=dict)
     max_concurrency = MaxConcurrency(load_default=None)
+    endpoints = Endpoints(load_default=lambda: [DEFAULT_ENDPOINT])
 
 
 class LlmUpdateSchema(StrictSchema):
@@ -33,6 +46,7 @@ class LlmUpdateSchema(StrictSchema):
     api_key = fields.String(allow_none=True, load_only=True, validate=validate.Length(max=10_000))
     extra_config = fields.Dict(keys=fields.String())
     max_concurrency = MaxConcurrency()
+    endpoints = Endpoints()
     version = StrictInteger()
 
 

@@ -16,9 +16,9 @@ from schemas import views
 from schemas.agent import (agent_create, agent_update, chat_request, personality_create,
                            personality_update, project_create, project_update, prompt_create,
                            prompt_update, thread_create)
-from schemas.inference import chat_completion
+from schemas.inference import BODY_SCHEMAS, chat_completion
 from schemas.llm import llm_create, llm_update
-from schemas.publisher import chunks, register, result
+from schemas.publisher import chunks, register, result, session_chunks
 
 DOCUMENTED_PREFIXES = ("/api/v1/", "/v1/")
 JSON = "application/json"
@@ -60,6 +60,7 @@ class Operation:
     open: bool = False             # no token needed
     query: tuple = field(default=())  # OpenAPI parameter objects
     description: str = ""
+    error_schema: object = views.ErrorSchema  # the envelope of its errors
 
 
 def Read(summary, answer, *, item=False):
@@ -99,9 +100,8 @@ POLL_QUERY = (
 USAGE_QUERY = tuple(
     {"name": name, "in": "query", "required": False, "description": description,
      "schema": {"type": "string", "format": "date-time"}}
-    for name, description in (
-        ("since", "ISO 8601 start of the window (default: 24 hours before `until`)"),
-        ("until", "ISO 8601 end of the window (default: now)")))
+    for name, description in (("since", "ISO 8601 (default: 24 hours before `until`)"),
+                              ("until", "ISO 8601 (default: now)")))
 
 OPERATIONS = {
     "openapi.openapi_document": Operation(
@@ -149,6 +149,38 @@ OPERATIONS = {
         "OpenAI's chat completions: `model` is an LLM's name, `agent:<name>` or `pool:<model>`",
         body=chat_completion, answer=views.CompletionSchema, roles=("client",),
         errors=(413, *RELAYED), stream=True, description=INFER_DESCRIPTION),
+    "openai_compat.completions": Operation(
+        "OpenAI's completions: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["completions"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), stream=True, description=(
+            "`prompt` a string, strings or token ids; relayed as it is but for `model`. "
+            "Streamed: the backend's events, then `data: [DONE]`.")),
+    "openai_compat.embeddings": Operation(
+        "OpenAI's embeddings: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["embeddings"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), description=(
+            "`input` a string, strings or token ids; the backend's vectors come back as they "
+            "are.")),
+    "openai_compat.responses": Operation(
+        "OpenAI's responses: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["responses"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), stream=True, description=(
+            "Streamed: the backend's events, `event:` lines included, and no `[DONE]`.")),
+    "openai_compat.messages": Operation(
+        "Anthropic's messages: `model` is an LLM's name or `pool:<model>`",
+        body=BODY_SCHEMAS["messages"], answer=views.CompletionSchema, roles=("client",),
+        errors=(413, *RELAYED), stream=True, error_schema=views.AnthropicErrorSchema,
+        description=(
+            "The token may come as `x-api-key`; errors use Anthropic's envelope. Streamed: the "
+            "backend's events, `event:` lines included, and no `[DONE]`.")),
+    "api.publishers.post_session_chunks": Operation(
+        "The chunks of many of the session's streams at once; outcomes per entry, in order",
+        answer=views.EntryResultsSchema, body=session_chunks, roles=("publisher",),
+        errors=(404, 413)),
+    # Operations
+    "api.operations.usage_view": Operation(
+        "Usage per token and LLM: an admin sees every token, anyone else only their own",
+        answer=[views.UsageRowSchema], query=USAGE_QUERY),
     # Publisher protocol
     "api.publishers.register": Operation(
         "Register a publisher session and its virtual LLMs and agents", ok=201,
@@ -168,10 +200,6 @@ OPERATIONS = {
     "api.publishers.post_chunks": Operation(
         "A batch of a streamed task's chunks", answer=views.AcceptedSchema, body=chunks,
         roles=("publisher",), errors=(404, 409, 410, 413, 429)),
-    # Operations
-    "api.operations.usage_view": Operation(
-        "Usage per token and LLM: every token's for an admin, else the caller's own",
-        answer=[views.UsageRowSchema], query=USAGE_QUERY),
     # Agents and chat
     "api.chat.list_threads": Read("The caller's threads with an agent (all, for an admin)",
                                   [views.ThreadViewSchema], item=True),
@@ -232,7 +260,7 @@ def _operation(op: Operation, path_names: list[str]) -> dict:
         statuses.add(403)
     for status in sorted(statuses):
         responses[str(status)] = {"description": ERROR_MEANINGS[status],
-                                  "content": {JSON: {"schema": views.ErrorSchema}}}
+                                  "content": {JSON: {"schema": op.error_schema}}}
     document = {
         "summary": op.summary,
         "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

@@ -2,7 +2,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, vali
 
 from schemas.agent import Params
 from schemas.common import Name, RelayedSchema, StrictBoolean, StrictInteger, StrictSchema
-from schemas.llm import TIERS, MaxConcurrency
+from schemas.llm import TIERS, Endpoints, MaxConcurrency
 from services.bus.base import MAX_ACKS_PER_POLL
 
 SESSION_ID = validate.Regexp(r"^[A-Za-z0-9_-]{1,64}\Z",
@@ -19,6 +19,7 @@ class PublishedLlmSchema(StrictSchema):
     extra_config = fields.Dict(keys=fields.String())
     initial_status = fields.String(validate=validate.OneOf(("active", "hibernating")))
     max_concurrency = MaxConcurrency()
+    endpoints = Endpoints()
 
 
 class PublishedAgentSchema(StrictSchema):
@@ -68,6 +69,30 @@ class ChunksSchema(RelayedSchema):
     seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
 
 
+MAX_CHUNK_ENTRIES = 256
+SSE_EVENT = validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}\Z",
+                            error="must be 1-64 letters, digits, '_', '.', ':' or '-'")
+
+
+class SessionChunkSchema(RelayedSchema):
+    data = fields.String(required=True)
+    event = fields.String(validate=SSE_EVENT)
+
+
+class SessionChunksEntrySchema(RelayedSchema):
+    task_id = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    chunks = fields.List(fields.Nested(SessionChunkSchema), required=True)
+    done = StrictBoolean(load_default=False)
+    seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
+
+
+class SessionChunksSchema(RelayedSchema):
+    """`POST /publishers/<sid>/chunks`: the chunks of many streams of one session."""
+
+    tasks = fields.List(fields.Nested(SessionChunksEntrySchema), required=True,
+                        validate=validate.Length(max=MAX_CHUNK_ENTRIES))
+
+
 class CommaSeparated(fields.List):
     """A query parameter holding a comma-separated list ("" is the empty list)."""
 
@@ -94,4 +119,5 @@ class PollQuerySchema(Schema):
 register = RegisterSchema()
 result = ResultSchema()
 chunks = ChunksSchema()
+session_chunks = SessionChunksSchema()
 poll_query = PollQuerySchema()

@@ -36,6 +36,18 @@ class ErrorSchema(Schema):
     error = fields.Nested(ErrorBodySchema, required=True)
 
 
+class AnthropicErrorBodySchema(Schema):
+    type = Text()
+    message = Text()
+
+
+class AnthropicErrorSchema(Schema):
+    """Errors on /v1/messages: Anthropic's shape, so its SDKs show the message."""
+
+    type = Text(validate=validate.Equal("error"))
+    error = fields.Nested(AnthropicErrorBodySchema, required=True)
+
+
 class LifecycleFields(Schema):
     kind = Text(validate=validate.OneOf(KINDS))
     status = Text(validate=validate.OneOf(STATUSES))
@@ -55,6 +67,8 @@ class LlmViewSchema(LifecycleFields):
     description = Text()
     extra_config = fields.Dict(required=True)
     max_concurrency = Nullable(fields.Integer)
+    endpoints = fields.List(fields.String(), required=True,
+                            metadata={"description": "the endpoints its backend serves"})
     has_api_key = fields.Boolean(required=True)
     created_at = Time()
     updated_at = Time()
@@ -177,6 +191,24 @@ class AcceptedSchema(Schema):
     accepted = fields.Boolean(required=True)
 
 
+class EntryErrorSchema(Schema):
+    status = fields.Integer(required=True)
+    code = Text()
+    message = Text()
+
+
+class EntryResultSchema(Schema):
+    """One entry's outcome: `{task_id, accepted: true}` or `{task_id, error}`."""
+
+    task_id = Text()
+    accepted = fields.Boolean()
+    error = fields.Nested(EntryErrorSchema)
+
+
+class EntryResultsSchema(Schema):
+    results = fields.List(fields.Nested(EntryResultSchema), required=True)
+
+
 class ModelSchema(Schema):
     id = Text(metadata={"description": "an LLM's name, `agent:<name>` or `pool:<model>`"})
     object = Text(validate=validate.Equal("model"))
@@ -189,8 +221,15 @@ class ModelListSchema(Schema):
     data = fields.List(fields.Nested(ModelSchema), required=True)
 
 
+class CompletionSchema(Schema):
+    """The backend's chat.completion (or its own error), passed on as it is."""
+
+    class Meta:
+        unknown = INCLUDE
+
+
 class UsageRowSchema(Schema):
-    """One token × LLM over the window (GET /api/v1/usage)."""
+    """One token's use of one LLM over the asked period."""
 
     token = Text(metadata={"description": "the token's name"})
     llm = Text()
@@ -199,11 +238,4 @@ class UsageRowSchema(Schema):
     prompt_tokens = fields.Integer(required=True)
     completion_tokens = fields.Integer(required=True)
     estimated = fields.Boolean(required=True, metadata={
-        "description": "some count was estimated from a stream's chunks"})
-
-
-class CompletionSchema(Schema):
-    """The backend's chat.completion (or its own error), passed on as it is."""
-
-    class Meta:
-        unknown = INCLUDE
+        "description": "true when a count was estimated from a stream's chunks"})

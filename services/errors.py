@@ -71,6 +71,18 @@ def envelope(message, type_, code, details=None):
     return {"error": {"message": message, "type": type_, "code": code, "details": details or {}}}
 
 
+# Anthropic's error types by HTTP status (others: api_error for 5xx,
+# invalid_request_error for 4xx).
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_envelope(status: int, message: str) -> dict:
+    """Anthropic's error body, for errors we make on /v1/messages."""
+    type_ = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": type_, "message": message}}
+
+
 def from_data(data: dict) -> ServiceError:
     """A fresh exception from `ServiceError.to_data()`: each waiter raises its own."""
     cls = _BY_STATUS.get(data.get("status"), ServiceError)

@@ -9,10 +9,48 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from models import Kind, Llm, PublisherSession, Status
-from services.errors import NotFound, Unavailable
+from jsonio import dumps
+from models import DEFAULT_ENDPOINT, ENDPOINTS, Kind, Llm, PublisherSession, Status
+from services.errors import Invalid, NotFound, Unavailable, anthropic_envelope, envelope
 
 POOL_PREFIX = "pool:"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """How one of the endpoints speaks: its path (under /v1 for clients, under
+    an LLM's URL for its backend), whether its streams end with `data: [DONE]`
+    (OpenAI's chat and completions do; responses and messages do not), and
+    whose envelope its errors use (Anthropic's on messages)."""
+
+    path: str
+    done_marker: bool = False
+    anthropic: bool = False
+
+    def error(self, status: int, message: str, type_: str, code: str, details=None) -> dict:
+        if self.anthropic:
+            return anthropic_envelope(status, message)
+        return envelope(message, type_, code, details)
+
+    def error_event(self, status: int, message: str, type_: str, code: str,
+                    details=None) -> bytes:
+        """A stream's last event, once its headers are gone."""
+        event = sse_event(dumps(self.error(status, message, type_, code, details)))
+        return b"event: error\n" + event if self.anthropic else event
+
+    def failure_event(self, exc) -> bytes:
+        """`error_event` for a ServiceError."""
+        return self.error_event(exc.status, exc.message, exc.type, exc.code)
+
+    @property
+    def end(self) -> bytes:
+        """What closes a stream that ended well."""
+        return SSE_DONE if self.done_marker else b""
+
+
+ENDPOINT = {path: Endpoint(path, done_marker=path in ("chat/completions", "completions"),
+                           anthropic=path == "messages") for path in ENDPOINTS}
+CHAT = ENDPOINT[DEFAULT_ENDPOINT]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +64,7 @@ class Target:
     session_id: str | None
     owner: str | None  # the token owning the publisher session (virtual rows)
     max_concurrency: int | None = None  # requests in flight at once (None: no cap)
+    endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)  # what its backend serves
 
     def __repr__(self):  # never the key
         return f"Target({self.name!r}, {self.kind}/{self.status})"
@@ -75,11 +114,16 @@ class Reply:
 # per-inference read.
 _TARGET_COLUMNS = sa.select(
     Llm.name, Llm.kind, Llm.status, Llm.model, Llm.url, Llm.api_key, Llm.provider_session_id,
-    PublisherSession.owner, Llm.max_concurrency).outerjoin(
+    PublisherSession.owner, Llm.max_concurrency, Llm.endpoints).outerjoin(
     PublisherSession, PublisherSession.id == Llm.provider_session_id)
 _TARGET_QUERY = _TARGET_COLUMNS.where(Llm.name == sa.bindparam("name"))
 _POOL_QUERY = _TARGET_COLUMNS.where(Llm.model == sa.bindparam("model"),
                                     Llm.status != Status.INACTIVE).order_by(Llm.name)
+
+
+def _target(row) -> Target:
+    *columns, endpoints = row
+    return Target(*columns, endpoints=tuple(endpoints or (DEFAULT_ENDPOINT,)))
 
 
 def resolve(session, name: str) -> Target:
@@ -87,18 +131,36 @@ def resolve(session, name: str) -> Target:
     row = session.connection().execute(_TARGET_QUERY, {"name": name}).first()
     if row is None:
         raise NotFound(f"LLM '{name}' not found", code="llm_not_found")
-    return Target(*row)
+    return _target(row)
 
 
-def route(session, name: str, is_live) -> Route:
-    """Where `name` runs: an LLM's name, or `pool:<model>`. Raises NotFound
-    (no such LLM; no row serves the model), Unavailable (`pool_unavailable`:
-    no member can answer now). `is_live(session_id)` tells a live publisher."""
+def route(session, name: str, is_live, endpoint: str = DEFAULT_ENDPOINT) -> Route:
+    """Where `name` runs: an LLM's name, or `pool:<model>`, for `endpoint`.
+    Raises NotFound (no such LLM; no row serves the model), Invalid
+    (`endpoint_not_supported`: the LLM, or every member, does not serve
+    `endpoint`), Unavailable (`pool_unavailable`: no member can answer now).
+    `is_live(session_id)` tells a live publisher."""
     if not name.startswith(POOL_PREFIX):
-        return Route.single(resolve(session, name))
+        target = resolve(session, name)
+        if endpoint not in target.endpoints:
+            raise not_supported(f"LLM '{name}' does not serve", endpoint, target.endpoints)
+        return Route.single(target)
     model = name[len(POOL_PREFIX):]
-    targets = [Target(*row) for row in session.connection().execute(_POOL_QUERY, {"model": model})]
-    return pool_route(model, targets, is_live, known=bool(targets) or _model_known(session, model))
+    targets = [_target(row) for row in session.connection().execute(_POOL_QUERY, {"model": model})]
+    serving = [t for t in targets if endpoint in t.endpoints]
+    if targets and not serving:
+        served = sorted({e for t in targets for e in t.endpoints}, key=ENDPOINTS.index)
+        raise not_supported(f"No member of pool '{model}' serves", endpoint, served)
+    return pool_route(model, serving, is_live,
+                      known=bool(targets) or _model_known(session, model))
+
+
+def not_supported(refusal: str, endpoint: str, served) -> Invalid:
+    """400 endpoint_not_supported: `refusal` ("LLM 'x' does not serve") and
+    what is served instead."""
+    paths = ", ".join("/v1/" + e for e in served)
+    return Invalid(f"{refusal} /v1/{endpoint}; it serves {paths}",
+                   code="endpoint_not_supported", details={"endpoints": list(served)})
 
 
 def pool_route(model: str, targets: list[Target], is_live, known: bool = True) -> Route:
@@ -122,6 +184,29 @@ def sse_event(payload: bytes) -> bytes:
     if b"\n" in payload:
         payload = payload.replace(b"\n", b"\ndata: ")
     return b"data: " + payload + b"\n\n"
+
+
+# A chunk with an SSE event name travels the bus as one string: the mark, the
+# name, a newline, the payload. A payload that starts with the mark itself
+# travels with an empty name, so every string reads back one way.
+EVENT_MARK = "\x00"
+
+
+def bus_chunk(data: str, event: str | None = None) -> str:
+    """A posted chunk (`data`, optional `event` name) as the bus carries it."""
+    if event or data.startswith(EVENT_MARK):
+        return f"{EVENT_MARK}{event or ''}\n{data}"
+    return data
+
+
+def sse_chunk(chunk: str) -> bytes:
+    """The SSE bytes of a chunk from `bus_chunk`: its `event:` line, if it has
+    a name, and its `data:` lines."""
+    if not chunk.startswith(EVENT_MARK):
+        return sse_event(chunk.encode())
+    event, _, data = chunk[1:].partition("\n")
+    framed = sse_event(data.encode())
+    return b"event: " + event.encode() + b"\n" + framed if event else framed
 
 
 SSE_DONE = b"data: [DONE]\n\n"

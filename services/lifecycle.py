@@ -26,7 +26,7 @@ import logging
 
 import sqlalchemy as sa
 
-from models import Agent, Kind, Llm, Project, PublisherSession, Status, new_id
+from models import DEFAULT_ENDPOINT, Agent, Kind, Llm, Project, PublisherSession, Status, new_id
 from services import rows
 from services.errors import Conflict, Forbidden, NotFound
 
@@ -62,7 +62,8 @@ def register(session, caller, session_id, llms, agents, now):
 
         llm_rows = []
         for spec in llms:
-            spec = {"max_concurrency": None, **spec}  # the payload is the row's whole truth
+            # The payload is the row's whole truth.
+            spec = {"max_concurrency": None, "endpoints": [DEFAULT_ENDPOINT], **spec}
             status = spec.pop("initial_status", Status.ACTIVE)
             llm_rows.append(_upsert(session, Llm, spec, session_id, status, now))
         session.flush()  # the agents below may pin the LLMs just inserted

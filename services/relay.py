@@ -11,18 +11,19 @@ the fair queue"), on the member with the most room; a waiting stream hears
 first byte reached the client is tried once more, on another member.
 """
 import contextlib
+import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import settings
 from jsonio import dumps, loads
 from models import Kind, Status
 from services import metrics, request_ids
 from services.bus.base import Member, publisher_offline
-from services.errors import (BadGateway, ClientGone, GatewayTimeout, ServiceError, Unavailable,
-                             envelope)
-from services.inference import SSE_DONE, SSE_KEEPALIVE, Reply, Route, Target, sse_event
+from services.errors import BadGateway, ClientGone, GatewayTimeout, ServiceError, Unavailable
+from services.inference import (CHAT, SSE_KEEPALIVE, Endpoint, Reply, Route, Target, sse_chunk,
+                                sse_event)
 from services.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,10 @@ class Relay:
                    count_wakes=settings.flag(config, "INSTRUMENT"))
 
     def infer(self, route: Route | Target, body: dict, client_connected=None,
-              token: str = "") -> Reply:
-        """Run a chat-completions body on the route's LLM, or on a member of
-        its pool (the member's `model` replaces the body's). `token` is the
+              token: str = "", endpoint: Endpoint = CHAT, headers=None) -> Reply:
+        """Run a body for `endpoint` (chat completions unless said) on the
+        route's LLM, or on a member of its pool (the member's `model` replaces
+        the body's). `headers` go to a public upstream with it. `token` is the
         caller, for the fair queue's turns. `client_connected()`, when given,
         is asked now and then while a non-streamed request waits: a client
         that hung up cancels its task (ClientGone). Raises Unavailable (503:
@@ -86,30 +88,31 @@ class Relay:
         GatewayTimeout (504), BadGateway (502)."""
         if isinstance(route, Target):
             route = Route.single(route)
+        call = Call(body, endpoint, headers or {})
         if not route.scheduled:
-            return self._run(route.targets[0], body, client_connected)
+            return self._run(route.targets[0], call, client_connected)
         if body.get("stream") is True:
-            return self._scheduled_stream(route, body, token, client_connected)
-        return self._scheduled(route, body, client_connected, token)
+            return self._scheduled_stream(route, call, token, client_connected)
+        return self._scheduled(route, call, client_connected, token)
 
-    def _run(self, target: Target, body: dict, client_connected=None,
+    def _run(self, target: Target, call: "Call", client_connected=None,
              counted: bool = True) -> Reply:
         """One attempt on one LLM. `counted`: whether the request still has
         to count against the LLM's pending limit (a scheduled one was counted
         by the fair queue)."""
-        body = {**body, "model": target.model}
+        body = {**call.body, "model": target.model}
         if target.kind == Kind.PUBLIC:
-            return self._forward(target, body, counted)
+            return self._forward(target, call.on(body), counted)
         self._check_available(target)
         if body.get("stream") is True:
-            return self._stream(target, body, counted)
+            return self._stream(target, call.on(body), counted)
         interval = CLIENT_CHECK_INTERVAL if client_connected else None
         if target.status == Status.HIBERNATING:
             with contextlib.closing(self._wake(target, interval, counted)) as waking:
                 for _ in waking:
                     _check_client(client_connected)
-        task = {"kind": "infer", "llm": target.name, "streaming": False, "body": body,
-                **_request_id()}
+        task = {"kind": "infer", "llm": target.name, "endpoint": call.endpoint.path,
+                "streaming": False, "body": body, **_request_id()}
         with self.bus.open_task(target.session_id, task,
                                 **self._task_args(target, counted=counted)) as task_id:
             while (outcome := self.bus.wait_result(task_id, interval)) is None:
@@ -118,14 +121,16 @@ class Relay:
 
     # -- internals -----------------------------------------------------------
 
-    def _forward(self, target, body, counted=True):
+    def _forward(self, target, call, counted=True):
         """To the upstream, within MAX_PENDING_PER_LLM requests in flight (on
         every worker); a stream holds its slot until it is closed."""
+        forward = functools.partial(self.upstream.forward, target, call.body,
+                                    endpoint=call.endpoint, headers=call.headers)
         if not counted:
-            return self.upstream.forward(target, body)
+            return forward()
         slot = self.bus.acquire_slot(target.name, self.timeouts.max_pending)
         try:
-            reply = self.upstream.forward(target, body)
+            reply = forward()
         except BaseException:
             self.bus.release_slot(slot)
             raise
@@ -195,30 +200,30 @@ class Relay:
                              code="publisher_error")
         return Reply(int(outcome["status"]), outcome.get("body"))
 
-    def _stream(self, target, body, counted=True):
+    def _stream(self, target, call, counted=True):
         """Hold the response headers until the first event (at most one
         keep-alive interval), so early failures keep their HTTP status."""
-        events = self._stream_events(target, body, counted)
+        events = self._stream_events(target, call, counted)
         try:
             first = next(events, None)
         except BaseException:
             events.close()
             raise
         if first is None:  # the publisher ended the stream without a chunk
-            return Reply(200, stream=iter((SSE_DONE,)), content_type="text/event-stream")
+            return Reply(200, stream=iter((call.endpoint.end,)), content_type="text/event-stream")
         if first[0] == "outcome":
             events.close()
             return self._outcome_reply(target, first[1])
-        return Reply(200, stream=self._sse(target, first, events),
+        return Reply(200, stream=self._sse(target, first, events, call.endpoint),
                      content_type="text/event-stream")
 
-    def _stream_events(self, target, body, counted=True):
+    def _stream_events(self, target, call, counted=True):
         """('keepalive', None) | ('chunks', [str]) | ('outcome', dict), until the stream ends."""
         if target.status == Status.HIBERNATING:
             for _ in self._wake(target, self.timeouts.keepalive, counted):
                 yield ("keepalive", None)
-        task = {"kind": "infer", "llm": target.name, "streaming": True, "body": body,
-                **_request_id()}
+        task = {"kind": "infer", "llm": target.name, "endpoint": call.endpoint.path,
+                "streaming": True, "body": call.body, **_request_id()}
         with self.bus.open_task(target.session_id, task,
                                 **self._task_args(target, counted=counted)) as task_id:
             while True:
@@ -234,42 +239,42 @@ class Relay:
                 if not chunks:
                     yield ("keepalive", None)
 
-    def _sse(self, target, first, events):
+    def _sse(self, target, first, events, endpoint):
         try:
             event = first
             while event is not None:
                 kind, value = event
                 if kind == "keepalive":
                     yield SSE_KEEPALIVE
-                elif kind == "chunks":
-                    yield b"".join(sse_event(chunk.encode()) for chunk in value)
+                elif kind == "chunks":  # what arrived together goes in one write
+                    yield b"".join(sse_chunk(chunk) for chunk in value)
                 else:  # a result posted after the stream had started
-                    yield sse_event(dumps(self._late_outcome_error(target, value)))
+                    yield endpoint.failure_event(self._late_outcome_error(target, value))
                     return
                 event = next(events, None)
-            yield SSE_DONE
+            yield endpoint.end
         except ServiceError as exc:
-            # Headers are gone; OpenAI clients raise on an `error` event.
-            yield sse_event(dumps(envelope(exc.message, exc.type, exc.code)))
+            # Headers are gone; OpenAI and Anthropic clients raise on an error event.
+            yield endpoint.failure_event(exc)
         finally:
             events.close()
 
-    def _late_outcome_error(self, target, outcome):
+    def _late_outcome_error(self, target, outcome) -> BadGateway:
         message = outcome.get("error") or f"status {outcome.get('status')}"
-        return envelope(f"The publisher of LLM '{target.name}' failed: {message}",
-                        BadGateway.type, "publisher_error")
+        return BadGateway(f"The publisher of LLM '{target.name}' failed: {message}",
+                          code="publisher_error")
 
 
     # -- the fair queue and failover --------------------------------------------
 
-    def _scheduled(self, route, body, client_connected, token):
+    def _scheduled(self, route, call, client_connected, token):
         failed = None  # the member that failed before the first byte (once)
         while True:
             place = self._enter(route, token, failed)
             try:
                 while not self.bus.wait_turn(place, CLIENT_CHECK_INTERVAL):
                     _check_client(client_connected)
-                reply = self._run(route.target(place.member), body, client_connected,
+                reply = self._run(route.target(place.member), call, client_connected,
                                   counted=False)
             except ServiceError as exc:
                 if self._fail_over(route, exc, failed, place.member):
@@ -283,7 +288,7 @@ class Relay:
                 continue
             return reply
 
-    def _scheduled_stream(self, route, body, token, client_connected):
+    def _scheduled_stream(self, route, call, token, client_connected):
         """A stream whose turn comes at once is answered as any stream (its
         headers wait for its first event); one that must wait is committed
         to 200 now and hears where it stands in the queue."""
@@ -293,7 +298,7 @@ class Relay:
             if place.member is None:
                 break
             try:
-                reply = self._granted_stream(route, body, place)
+                reply = self._granted_stream(route, call, place)
             except ServiceError as exc:
                 if self._fail_over(route, exc, failed, place.member):
                     failed = place.member
@@ -305,14 +310,14 @@ class Relay:
             return reply
         holder = {"place": place}
         return Reply(200, stream=_ClosingStream(
-            self._queued_stream(route, body, token, holder, failed, client_connected),
+            self._queued_stream(route, call, token, holder, failed, client_connected),
             lambda: self.bus.leave_queue(holder["place"])), content_type="text/event-stream")
 
-    def _granted_stream(self, route, body, place):
+    def _granted_stream(self, route, call, place):
         """Run the stream on the member the place was granted; the turn is
         given back when the stream closes (or at once, if it never opened)."""
         try:
-            reply = self._run(route.target(place.member), body, counted=False)
+            reply = self._run(route.target(place.member), call, counted=False)
         except BaseException:
             self.bus.leave_queue(place)
             raise
@@ -322,7 +327,7 @@ class Relay:
             reply.stream = _ClosingStream(reply.stream, lambda: self.bus.leave_queue(place))
         return reply
 
-    def _queued_stream(self, route, body, token, holder, failed, client_connected):
+    def _queued_stream(self, route, call, token, holder, failed, client_connected):
         """The SSE bytes of a stream that waits for its turn: `: queued,
         position N` at once and every keep-alive interval, then the stream
         itself; a failure is its last event. `holder["place"]` is the place
@@ -340,14 +345,14 @@ class Relay:
                         yield _queued_comment(place)
                         said = time.monotonic()
                 try:
-                    reply = self._run(route.target(place.member), body, counted=False)
+                    reply = self._run(route.target(place.member), call, counted=False)
                 except ServiceError as exc:
                     if not self._fail_over(route, exc, failed, place.member):
                         raise
                     reply = None
                 if reply is not None and not self._fail_over(route, reply, failed, place.member):
                     if reply.stream is None:  # the backend answered with an error status
-                        yield sse_event(dumps(_reply_error(route, reply)))
+                        yield _reply_error(route, reply, call.endpoint)
                         return
                     try:
                         yield from reply.stream
@@ -358,7 +363,7 @@ class Relay:
                 failed = place.member
                 place = holder["place"] = self._enter(route, token, failed)
         except ServiceError as exc:  # headers are gone: the last event says what happened
-            yield sse_event(dumps(envelope(exc.message, exc.type, exc.code)))
+            yield call.endpoint.failure_event(exc)
         finally:
             self.bus.leave_queue(place)
 
@@ -410,8 +415,9 @@ def _queued_comment(place) -> bytes:
     return f": queued, position {place.position}\n\n".encode()
 
 
-def _reply_error(route, reply) -> dict:
-    """An answer with an error status, as a stream's last event."""
+def _reply_error(route, reply, endpoint) -> bytes:
+    """An answer with an error status, as a stream's last event: the
+    backend's own error body when it gave one."""
     body = reply.body
     if isinstance(body, bytes | str):
         try:
@@ -419,9 +425,10 @@ def _reply_error(route, reply) -> dict:
         except ValueError:
             body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return body
-    return envelope(f"{route.label} answered status {reply.status}", BadGateway.type,
-                    "upstream_error")
+        event = sse_event(dumps(body))
+        return b"event: error\n" + event if endpoint.anthropic else event
+    return endpoint.error_event(reply.status, f"{route.label} answered status {reply.status}",
+                                BadGateway.type, "upstream_error")
 
 
 def _check_client(client_connected):
@@ -450,3 +457,17 @@ class _ClosingStream:
                 self._stream.close()
             finally:
                 on_close()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What the client asked: the body, for which endpoint, and the headers
+    that go on to a public upstream with it."""
+
+    body: dict
+    endpoint: Endpoint = CHAT
+    headers: dict = field(default_factory=dict)
+
+    def on(self, body: dict) -> "Call":
+        """The same call with another body (the member's `model` in it)."""
+        return Call(body, self.endpoint, self.headers)

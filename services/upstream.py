@@ -22,8 +22,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from jsonio import dumps, loads
 from services import request_ids
 from services.api_keys import ApiKeyCipher
-from services.errors import BadGateway, ServiceError, envelope
-from services.inference import SSE_KEEPALIVE, Reply, Target, sse_event
+from services.errors import BadGateway, ServiceError
+from services.inference import CHAT, SSE_KEEPALIVE, Endpoint, Reply, Target
 
 try:  # the system call itself, even when gevent has patched `select`
     from gevent.monkey import get_original
@@ -59,35 +59,35 @@ class Upstream:
                    float(config["STREAM_IDLE_TIMEOUT"]), cipher=ApiKeyCipher.from_config(config),
                    keepalive=float(config["STREAM_KEEPALIVE"]))
 
-    def forward(self, target: Target, body: dict) -> Reply:
-        """Send the chat-completions body upstream and return its reply as it is.
+    def forward(self, target: Target, body: dict, endpoint: Endpoint = CHAT,
+                headers=None) -> Reply:
+        """Send the body to the target's `{url}/{endpoint}` (with `headers`)
+        and return its reply as it is.
 
         A streamed 200 comes back as an SSE byte stream relayed as it arrives.
         Raises BadGateway when the upstream cannot be reached or breaks first
         (or, for a stream kept alive meanwhile, ends with an error event).
         Raises ApiKeyUnreadable (the stored key does not decrypt).
         """
-        data = dumps(body)
-        request_id = request_ids.current()  # a thread of its own would not see it
+        request = self._request(target, dumps(body), endpoint, headers,
+                                request_ids.current())
         if body.get("stream") is not True:
-            return self._open(target, data, streaming=False, request_id=request_id)
+            return self._open(target, request, streaming=False)
         if self.keepalive is None:
-            return self._stream_reply(target, self._open(target, data, streaming=True,
-                                                         request_id=request_id))
-        opening = _Opening(lambda: self._open(target, data, streaming=True,
-                                              request_id=request_id))
+            return self._stream_reply(target, self._open(target, request, streaming=True),
+                                      endpoint)
+        opening = _Opening(lambda: self._open(target, request, streaming=True))
         if opening.done.wait(self.keepalive):
-            return self._stream_reply(target, opening.outcome())
+            return self._stream_reply(target, opening.outcome(), endpoint)
         # The first byte is late (a model loading, a long prompt): commit to a
         # stream now, so that proxies and people see it is alive.
-        return Reply(200, stream=_Abandoning(self._kept_alive(opening, target), opening),
+        return Reply(200, stream=_Abandoning(self._kept_alive(opening, target, endpoint),
+                                             opening),
                      content_type="text/event-stream")
 
-    def _open(self, target, data, streaming, request_id=None):
+    def _open(self, target, request, streaming):
         """The upstream's answer: a Reply as it is, or for a streamed 200 the
-        open (response, first bytes, the rest). Raises BadGateway,
-        ApiKeyUnreadable."""
-        request = self._request(target, data, request_id)
+        open (response, first bytes, the rest). Raises BadGateway."""
         response = None
         try:
             response = self.adapter.send(
@@ -109,14 +109,13 @@ class Upstream:
                              code="upstream_unreachable") from None
         return _OpenStream(response, first, chunks)
 
-    def _stream_reply(self, target, opened) -> Reply:
+    def _stream_reply(self, target, opened, endpoint) -> Reply:
         if isinstance(opened, Reply):
             return opened
-        return Reply(200, stream=self._relay(opened.response, opened.first, opened.chunks,
-                                             target),
+        return Reply(200, stream=self._relay(opened, target, endpoint),
                      content_type="text/event-stream")
 
-    def _kept_alive(self, opening, target):
+    def _kept_alive(self, opening, target, endpoint):
         """Keep-alive comments until the upstream answers, then its stream; an
         answer that is not a stream, or a failure, becomes the last event."""
         try:
@@ -126,47 +125,54 @@ class Upstream:
             try:
                 opened = opening.outcome()
             except ServiceError as exc:
-                yield sse_event(dumps(envelope(exc.message, exc.type, exc.code)))
+                yield endpoint.failure_event(exc)
                 return
             if isinstance(opened, Reply):
-                yield sse_event(dumps(_late_answer_error(target, opened)))
+                yield endpoint.error_event(*_late_answer_error(target, opened))
                 return
-            yield from self._relay(opened.response, opened.first, opened.chunks, target)
+            yield from self._relay(opened, target, endpoint)
         finally:
             opening.abandon()
 
-    def _relay(self, response, first, chunks, target):
+    def _relay(self, opened, target, endpoint):
         try:
-            if first:
-                yield first
-            yield from chunks
+            if opened.first:
+                yield opened.first
+            yield from opened.chunks
         except UPSTREAM_ERRORS as exc:
             log.warning("upstream stream of LLM %s broke: %s", target.name, type(exc).__name__)
-            message = f"The upstream stream of LLM '{target.name}' broke ({_reason(exc)})"
-            yield b"data: " + dumps(envelope(message, "upstream_error",
-                                             "upstream_stream_broken")) + b"\n\n"
+            yield endpoint.error_event(
+                502, f"The upstream stream of LLM '{target.name}' broke ({_reason(exc)})",
+                "upstream_error", "upstream_stream_broken")
         finally:
-            response.close()
+            opened.close()
 
-    def _request(self, target: Target, data: bytes,
+    def _request(self, target: Target, data: bytes, endpoint: Endpoint, headers=None,
                  request_id: str | None = None) -> requests.PreparedRequest:
-        """The POST to the target's `/chat/completions` (with the request's
-        `X-Request-Id`). Its URL is parsed and checked once, into a template
-        copied per call."""
-        template = self._templates.get(target.url)
+        """The POST to the target's `{url}/{endpoint}`, with the stored key as
+        the backend expects it (Anthropic's `x-api-key` on messages) and the
+        request's `X-Request-Id`. The URL is parsed and checked once, into a
+        template copied per call. Raises ApiKeyUnreadable (the stored key does
+        not decrypt)."""
+        key = (target.url, endpoint.path)
+        template = self._templates.get(key)
         if template is None:
             if len(self._templates) >= MAX_TEMPLATES:
                 self._templates.clear()
             template = requests.Request(
-                "POST", target.url.rstrip("/") + "/chat/completions",
+                "POST", f"{target.url.rstrip('/')}/{endpoint.path}",
                 headers={"Content-Type": "application/json", "User-Agent": "switchboard"},
             ).prepare()
-            self._templates[target.url] = template
+            self._templates[key] = template
         request = template.copy()
         request.body = data
         request.headers["Content-Length"] = str(len(data))
+        if headers:
+            request.headers.update(headers)
         api_key = self.cipher.decrypt(target.api_key, target.name)
-        if api_key:
+        if api_key and endpoint.anthropic:
+            request.headers["x-api-key"] = api_key
+        elif api_key:
             request.headers["Authorization"] = f"Bearer {api_key}"
         if request_id:
             request.headers[request_ids.HEADER] = request_id
@@ -247,16 +253,17 @@ class _Abandoning:
             self._opening.abandon()
 
 
-def _late_answer_error(target, reply: Reply) -> dict:
-    """The error event for an upstream that answered a kept-alive stream with
-    something else than a stream (its status and message, if it gave one)."""
+def _late_answer_error(target, reply: Reply) -> tuple:
+    """(status, message, type, code, details) of the error event for an upstream that
+    answered a kept-alive stream with something else than a stream (its
+    status and message, if it gave one)."""
     try:
         detail = loads(reply.body)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         detail = None
     message = f"The upstream of LLM '{target.name}' answered {reply.status}"
-    return envelope(f"{message}: {detail}" if detail else message, "upstream_error",
-                    "upstream_error_status", {"status": reply.status})
+    return (reply.status, f"{message}: {detail}" if detail else message, "upstream_error",
+            "upstream_error_status", {"status": reply.status})
 
 
 class _OneSegmentRequests:

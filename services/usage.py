@@ -43,13 +43,23 @@ class Tally:
     estimated: bool = False
 
 
-def _tokens(usage) -> tuple[int, int] | None:
+def _count(usage: dict, *names) -> int | None:
+    """The first of `names` in `usage` that is a count."""
+    for name in names:
+        value = usage.get(name)
+        if type(value) is int and value >= 0:
+            return value
+    return None
+
+
+def _tokens(usage) -> tuple[int | None, int | None]:
+    """(prompt, completion) of a `usage`, in OpenAI's names or in those of
+    responses and Anthropic's messages (`input_tokens`, `output_tokens`); an
+    embedding's has no completion. None where it says nothing."""
     if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
-        return None
-    return prompt, completion
+        return None, None
+    return (_count(usage, "prompt_tokens", "input_tokens"),
+            _count(usage, "completion_tokens", "output_tokens"))
 
 
 def from_body(status: int, body) -> Tally:
@@ -64,20 +74,27 @@ def from_body(status: int, body) -> Tally:
                 usage = None
     elif isinstance(body, dict):
         usage = body.get("usage")
-    tokens = _tokens(usage)
-    if tokens is not None:
-        tally.prompt_tokens, tally.completion_tokens = tokens
+    prompt, completion = _tokens(usage)
+    if prompt is not None:
+        tally.prompt_tokens, tally.completion_tokens = prompt, completion or 0
     return tally
 
 
-class StreamTally:
-    """Reads a chat-completions SSE byte stream as it goes by: the last
-    `usage` it carries, else its chunks with content; an `error` event."""
+# Events of a stream that carry generated text, by their `type` (responses,
+# Anthropic's messages); chat and completions chunks are told by their choices.
+TEXT_EVENTS = frozenset({"response.output_text.delta", "content_block_delta"})
 
-    __slots__ = ("usage", "chunks", "error", "_rest")
+
+class StreamTally:
+    """Reads an SSE byte stream (chat, completions, responses or Anthropic's
+    messages) as it goes by: the last `usage` it carries (Anthropic's comes
+    in two parts: input at the start, output at the end), else its chunks
+    with content; an `error` event."""
+
+    __slots__ = ("prompt", "completion", "chunks", "error", "_rest")
 
     def __init__(self):
-        self.usage = None
+        self.prompt = self.completion = None
         self.chunks = 0
         self.error = False
         self._rest = b""
@@ -103,15 +120,19 @@ class StreamTally:
             return
         if "error" in chunk:
             self.error = True
-        tokens = _tokens(chunk.get("usage"))
-        if tokens is not None:
-            self.usage = tokens
-        choices = chunk.get("choices")
-        if isinstance(choices, list) and any(
-                isinstance(c, dict) and isinstance(c.get("delta"), dict)
-                and (c["delta"].get("content") or c["delta"].get("tool_calls"))
-                for c in choices):
+        for holder in (chunk, chunk.get("response"), chunk.get("message")):
+            if isinstance(holder, dict) and "usage" in holder:
+                prompt, completion = _tokens(holder["usage"])
+                self.prompt = self.prompt if prompt is None else prompt
+                self.completion = self.completion if completion is None else completion
+        if chunk.get("type") in TEXT_EVENTS or _has_text(chunk.get("choices")):
             self.chunks += 1
+
+    @property
+    def usage(self) -> tuple[int, int] | None:
+        if self.prompt is None:
+            return None
+        return self.prompt, self.completion or 0
 
     def result(self, status: int, body: dict | None) -> Tally:
         """The stream's tally; without `usage`, estimated from its chunks and
@@ -126,10 +147,20 @@ class StreamTally:
         return tally
 
 
+def _has_text(choices) -> bool:
+    """Whether a chat chunk's or a completion's choices carry text or a tool call."""
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and (c.get("text") or isinstance(c.get("delta"), dict) and (
+            c["delta"].get("content") or c["delta"].get("tool_calls")))
+        for c in choices)
+
+
 def estimate_prompt_tokens(body: dict | None) -> int:
-    """About a token per CHARS_PER_TOKEN characters of the messages' text."""
-    chars = 0
-    for message in (body or {}).get("messages") or ():
+    """About a token per CHARS_PER_TOKEN characters of the messages' text
+    (or of a completion's `prompt`, a response's `input` when they are text)."""
+    body = body or {}
+    chars = sum(len(body[key]) for key in ("prompt", "input") if isinstance(body.get(key), str))
+    for message in body.get("messages") or ():
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
             chars += len(content)

@@ -182,7 +182,7 @@ def test_sdk_retrieving_an_unknown_model_raises_not_found_pointing_at_the_list(s
 
 def test_sdk_calling_an_endpoint_we_do_not_serve_names_the_ones_we_do(sdk):
     with pytest.raises(openai.NotFoundError) as caught:
-        sdk.embeddings.create(model="fake-gpt", input="hi")
+        sdk.moderations.create(model="fake-gpt", input="hi")
     assert caught.value.body["code"] == "unsupported_endpoint"
     assert "POST /v1/chat/completions" in caught.value.body["message"]
 

@@ -4,7 +4,8 @@ import pytest
 LLMS = "/api/v1/llms"
 VIEW_FIELDS = {"id", "name", "type", "model", "url", "tier", "description", "extra_config",
                "kind", "status", "provider_session_id", "last_heartbeat_at", "inactive_since",
-               "version", "created_at", "updated_at", "has_api_key", "max_concurrency"}
+               "version", "created_at", "updated_at", "has_api_key", "max_concurrency",
+               "endpoints"}
 
 
 def new_llm(**fields):

@@ -17,8 +17,8 @@ from tests.support import stack
 from tests.support.database import pg_only
 from tests.support.live import REPO_ROOT, free_port, run_flask, server_env
 
-JSON_COLUMNS = {("llm", "extra_config"), ("agent", "default_params"), ("agent", "extras"),
-                ("chat_message", "tool_calls")}
+JSON_COLUMNS = {("llm", "extra_config"), ("llm", "endpoints"), ("agent", "default_params"),
+                ("agent", "extras"), ("chat_message", "tool_calls")}
 BEFORE_JSONB = "3f6c2b9d1e47"
 
 
@@ -206,3 +206,25 @@ def test_the_capacity_and_pools_migration_keeps_every_agent_and_what_hangs_on_it
     fresh.flask_db(f"downgrade {BEFORE_POOLS}")  # no agent on a pool: it goes back
     with fresh.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM chat_thread")).scalar() == 1
+
+
+BEFORE_ENDPOINTS = "b4e8d2f1a630"
+
+
+def test_rows_from_before_endpoints_serve_chat_completions_and_the_column_goes_down(fresh):
+    fresh.flask_db(f"upgrade {BEFORE_ENDPOINTS}")
+    with fresh.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO llm (id, name, type, model, url, tier, description, extra_config, "
+            "created_at, updated_at, kind, status, version) VALUES (:id, 'old', 'openai', 'm', "
+            "'', 'fast', '', '{}', :now, :now, 'public', 'active', 1)"),
+            {"id": uuid.uuid4().hex, "now": utcnow()})
+    fresh.flask_db("upgrade")
+    with fresh.engine.connect() as conn:
+        endpoints = conn.execute(sa.text("SELECT endpoints FROM llm")).scalar()
+    assert (json.loads(endpoints) if isinstance(endpoints, str) else endpoints) == [
+        "chat/completions"]
+    fresh.flask_db(f"downgrade {BEFORE_ENDPOINTS}")
+    with fresh.engine.connect() as conn:
+        assert "endpoints" not in {c["name"] for c in sa.inspect(conn).get_columns("llm")}
+        assert conn.execute(sa.text("SELECT name FROM llm")).scalar() == "old"

@@ -439,3 +439,122 @@ def test_a_poll_past_the_sessions_cap_is_429(app, client, auth):
     assert response.json["error"]["code"] == "too_many_polls"
     assert response.headers["Retry-After"] == "1"
     held.join(5)
+
+
+# -- many streams of one session in one POST ------------------------------------
+
+def stream_in_background(app, auth, llm="vllm-local"):
+    return in_background(lambda: app.test_client().post(
+        f"/api/v1/llms/{llm}/infer", headers=auth("client"), json={**ASK, "stream": True}))
+
+
+def take_tasks(client, headers, session_id, count):
+    tasks = []
+    wait_until(lambda: tasks.extend(poll(client, headers, session_id, wait=0.2).json["tasks"])
+               or len(tasks) >= count, message=f"{count} tasks")
+    return [task["task_id"] for task in tasks]
+
+
+def post_session_chunks(client, headers, session_id, entries):
+    return client.post(f"/api/v1/publishers/{session_id}/chunks", headers=headers,
+                       json={"tasks": entries})
+
+
+def outcomes(response):
+    assert response.status_code == 200, response.json
+    return [(r["task_id"], "accepted" if r.get("accepted") else r["error"]["status"],
+             r.get("error", {}).get("code")) for r in response.json["results"]]
+
+
+def test_session_chunks_report_live_finished_cancelled_foreign_and_unknown_tasks_apart(
+        app, client, auth, other_publisher):
+    session_id = register(client, auth)["session_id"]
+    other_session = client.post("/api/v1/publishers/register", headers=other_publisher, json={
+        "llms": [{**LLM, "name": "other-llm"}]}).json["session_id"]
+    waiting = [stream_in_background(app, auth) for _ in range(3)]
+    live, finished, cancelled = take_tasks(client, auth("publisher"), session_id, 3)
+    foreign_thread, foreign_box = stream_in_background(app, auth, "other-llm")
+    [foreign] = take_tasks(client, other_publisher, other_session, 1)
+
+    first = post_session_chunks(client, auth("publisher"), session_id, [
+        {"task_id": task_id, "chunks": [{"data": f"{task_id}:0"}], "seq": 0}
+        for task_id in (live, finished, cancelled)])
+    assert outcomes(first) == [(t, "accepted", None) for t in (live, finished, cancelled)]
+    responses, events = {}, {}
+    for thread, box in waiting:
+        thread.join(5)
+        stream = iter(box["value"].response)
+        first = next(stream)  # this stream's first event: which task it is
+        task_id = first.split(b":")[1].strip().decode()
+        responses[task_id], events[task_id] = box["value"], stream
+    assert sorted(responses) == sorted((live, finished, cancelled))  # all three streams opened
+    responses[cancelled].close()  # that client goes away
+    assert post_session_chunks(client, auth("publisher"), session_id, [
+        {"task_id": finished, "chunks": [{"data": "[DONE]"}], "seq": 1}]).status_code == 200
+
+    mixed = post_session_chunks(client, auth("publisher"), session_id, [
+        {"task_id": live, "chunks": [{"data": f"{live}:1"}], "seq": 1},
+        {"task_id": finished, "chunks": [{"data": "more"}], "seq": 2},
+        {"task_id": cancelled, "chunks": [{"data": "more"}], "seq": 1},
+        {"task_id": foreign, "chunks": [{"data": "not mine"}], "seq": 0},
+        {"task_id": "no-such-task", "chunks": [{"data": "x"}]},
+        {"task_id": finished, "chunks": [{"data": "[DONE]"}], "seq": 1},  # a retry: accepted
+        {"task_id": live, "chunks": [{"data": "[DONE]"}], "seq": 2, "done": True},
+    ])
+    assert outcomes(mixed) == [
+        (live, "accepted", None), (finished, 409, "task_completed"),
+        (cancelled, 410, "task_cancelled"), (foreign, 403, "foreign_task"),
+        ("no-such-task", 404, "task_not_found"), (finished, "accepted", None),
+        (live, "accepted", None)]
+    assert set(mixed.json["results"][1]["error"]) == {"status", "code", "message"}
+    assert b"".join(events[live]) == f"data: {live}:1\n\ndata: [DONE]\n\n".encode()
+    assert b"".join(events[finished]) == b"data: [DONE]\n\n"
+    assert {"kind": "cancel", "task_id": cancelled} in poll(
+        client, auth("publisher"), session_id).json["tasks"]
+
+    # The foreign task is untouched: its own publisher still streams it.
+    assert outcomes(post_session_chunks(client, other_publisher, other_session, [
+        {"task_id": foreign, "chunks": [{"data": "theirs"}], "seq": 0, "done": True}])) == [
+        (foreign, "accepted", None)]
+    foreign_thread.join(5)
+    assert foreign_box["value"].get_data() == b"data: theirs\n\ndata: [DONE]\n\n"
+
+
+def test_session_chunks_carry_sse_event_names(app, client, auth):
+    session_id = register(client, auth)["session_id"]
+    thread, box = stream_in_background(app, auth)
+    [task_id] = take_tasks(client, auth("publisher"), session_id, 1)
+    assert outcomes(post_session_chunks(client, auth("publisher"), session_id, [
+        {"task_id": task_id, "seq": 0, "done": True, "chunks": [
+            {"data": '{"n": 1}', "event": "progress"}, {"data": "\x00odd"}, {"data": "plain"}]},
+    ])) == [(task_id, "accepted", None)]
+    thread.join(5)
+    assert box["value"].get_data() == (b'event: progress\ndata: {"n": 1}\n\n'
+                                       b"data: \x00odd\n\ndata: plain\n\ndata: [DONE]\n\n")
+
+
+def test_session_chunks_are_refused_whole_only_for_the_session_or_a_malformed_body(
+        client, auth, other_publisher):
+    session_id = register(client, auth)["session_id"]
+    ok = [{"task_id": "t", "chunks": []}]
+    assert post_session_chunks(client, auth("publisher"), session_id, []).json == {
+        "results": []}
+    assert post_session_chunks(client, auth("client"), session_id, ok).status_code == 403
+    assert post_session_chunks(client, other_publisher, session_id, ok).status_code == 403
+    missing = post_session_chunks(client, auth("publisher"), "no-such-session", ok)
+    assert (missing.status_code, missing.json["error"]["code"]) == (404, "session_not_found")
+    assert client.post(f"/api/v1/publishers/{session_id}/chunks",
+                       json={"tasks": []}).status_code == 401
+    for body in ({}, {"tasks": {}}, {"tasks": [{"chunks": []}]},
+                 {"tasks": [{"task_id": "t", "chunks": "abc"}]},
+                 {"tasks": [{"task_id": "t", "chunks": [{"data": 1}]}]},
+                 {"tasks": [{"task_id": "t", "chunks": [], "seq": -1}]},
+                 {"tasks": [{"task_id": "t", "chunks": [], "done": 1}]},
+                 {"tasks": [{"task_id": "t", "chunks": [{"data": "a", "event": "a\nb"}]}]},
+                 {"tasks": [{"task_id": "t", "chunks": [], "extra": 1}]},
+                 {"tasks": [{"task_id": "t", "chunks": []}] * 257}):
+        response = client.post(f"/api/v1/publishers/{session_id}/chunks",
+                               headers=auth("publisher"), json=body)
+        assert response.status_code == 400, body
+    assert outcomes(post_session_chunks(client, auth("publisher"), session_id, ok * 256)) == [
+        ("t", 404, "task_not_found")] * 256

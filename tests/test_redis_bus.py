@@ -54,6 +54,23 @@ def held_poll(bus, wait=5.0):
 
 # -- a client on one worker, the publisher on another --------------------------
 
+def test_a_chunk_batch_of_many_streams_is_one_script_call_and_reaches_other_workers(buses):
+    client_side, publisher_side = buses.make(), buses.make()
+    streams = [client_side.submit(SID, dict(STREAM), **{**ARGS, "limit": 100})
+               for _ in range(20)]
+    publisher_side.poll(SID, wait=0)
+    calls = []
+    run = publisher_side._run
+    publisher_side._run = lambda script, *args: calls.append(script) or run(script, *args)
+    assert publisher_side.push_chunks_batch(SID, [
+        {"task_id": task_id, "chunks": [f"{task_id}-a", f"{task_id}-b"], "seq": 0,
+         "done": True} for task_id in streams]) == [None] * 20
+    assert calls == ["push_chunks_batch"]
+    for task_id in streams:
+        assert client_side.next_chunks(task_id, 5, 1) == (
+            [f"{task_id}-a", f"{task_id}-b"], True, None)
+        client_side.release(task_id)
+
 def test_an_outcome_posted_on_one_worker_reaches_the_client_on_another(buses):
     client_side, publisher_side = buses.make(), buses.make()
     with client_side.open_task(SID, INFER, **ARGS) as task_id:

@@ -353,6 +353,76 @@ def test_a_late_post_after_the_stream_ended_is_a_conflict_but_a_retry_is_accepte
 
 
 
+# -- many streams of one session in one call --------------------------------------
+
+def entry(task_id, chunks, seq=None, done=False):
+    return {"task_id": task_id, "chunks": chunks, "seq": seq, "done": done}
+
+
+def codes(results):
+    return [None if r is None else (r["status"], r["code"]) for r in results]
+
+
+def test_a_batch_reports_each_task_on_its_own(bus):
+    live, finished, cancelled, foreign, elsewhere = (submit(bus, STREAM) for _ in range(5))
+    other_session = bus.submit("session-2", dict(STREAM), llm="m", owner="tok", limit=10,
+                               pickup_timeout=5.0, timeout=5.0)
+    bus.poll(SID, wait=0)
+    bus.poll("session-2", wait=0)
+    bus.push_chunks(finished, ["f", "[DONE]"], seq=0, done=False)
+    bus.release(cancelled)
+    results = bus.push_chunks_batch(SID, [
+        entry(live, ["a", "b"], seq=0),
+        entry(finished, ["late"], seq=2),
+        entry(cancelled, ["c"], seq=0),
+        entry("no-such-task", ["x"], seq=0),
+        entry(other_session, ["o"], seq=0),
+        entry(finished, ["f", "[DONE]"], seq=0),  # a retry of what it has: accepted
+        entry(live, ["b", "c"], seq=1, done=True),
+    ], owner="tok")
+    assert codes(results) == [None, (409, "task_completed"), (410, "task_cancelled"),
+                              (404, "task_not_found"), (403, "foreign_task"), None, None]
+    assert codes(bus.push_chunks_batch(SID, [entry(foreign, ["x"], seq=0)],
+                                       owner="someone-else")) == [(403, "foreign_task")]
+    assert bus.next_chunks(live, 5, 1) == (["a", "b", "c"], True, None)
+    assert bus.next_chunks(finished, 5, 1) == (["f"], True, None)
+    assert bus.next_chunks(other_session, 5, 0.05) == ([], False, None)
+    bus.push_chunks_batch("session-2", [entry(other_session, ["o"], seq=0, done=True)])
+    assert bus.next_chunks(other_session, 5, 1) == (["o"], True, None)
+    for task_id in (live, finished, foreign, elsewhere, other_session):
+        bus.release(task_id)
+
+
+def test_a_batch_keeps_seq_dedupe_gaps_and_the_done_marker(bus):
+    first, second = submit(bus, STREAM), submit(bus, STREAM)
+    bus.poll(SID, wait=0)
+    assert bus.push_chunks_batch(SID, [entry(first, ["a", "b"], seq=0),
+                                       entry(second, ["x"], seq=0)]) == [None, None]
+    results = bus.push_chunks_batch(SID, [
+        entry(first, ["a", "b", "c"], seq=0),       # a retry that grew
+        entry(second, ["z"], seq=5),                # a gap
+        entry(second, ["y", "[DONE]", "ignored"], seq=1)])
+    assert codes(results) == [None, (409, "seq_gap"), None]
+    assert results[1]["details"] == {"expected_seq": 1}
+    assert bus.next_chunks(first, 5, 1) == (["a", "b", "c"], False, None)
+    assert bus.next_chunks(second, 5, 1) == (["x", "y"], True, None)
+    assert bus.push_chunks_batch(SID, []) == []
+    bus.release(first)
+    bus.release(second)
+
+
+def test_a_batch_acknowledges_its_tasks(buses):
+    bus = buses.make(delivery=Delivery(ack_timeout=0.3, max_attempts=2, lost_timeout=60.0,
+                                       max_polls=2))
+    stream = submit(bus, STREAM)
+    bus.poll(SID, wait=0, ack=[])
+    assert bus.push_chunks_batch(SID, [entry(stream, ["a"], seq=0)]) == [None]
+    assert bus.next_chunks(stream, 5, 0.8) == (["a"], False, None)
+    assert bus.next_chunks(stream, 5, 0.5) == ([], False, None)  # past the ack timeout
+    assert bus.poll(SID, wait=0, ack=[]) == []
+    bus.release(stream)
+
+
 # -- delivery: acknowledgements, redelivery, lost publishers, the poll cap --------
 
 QUICK = Delivery(ack_timeout=0.3, max_attempts=2, lost_timeout=60.0, max_polls=2)

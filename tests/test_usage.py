@@ -75,6 +75,48 @@ def test_a_stream_without_usage_is_estimated_from_its_chunks_and_the_prompt():
     assert tally.result(200, body) == usage.Tally(4, 2, estimated=True)
 
 
+def test_the_other_endpoints_usage_is_counted_in_their_own_names():
+    embeddings = b'{"data": [], "usage": {"prompt_tokens": 8, "total_tokens": 8}}'
+    assert usage.from_body(200, embeddings) == usage.Tally(8, 0)
+    response = {"output": [], "usage": {"input_tokens": 5, "output_tokens": 3}}
+    assert usage.from_body(200, response) == usage.Tally(5, 3)
+    anthropic = b'{"type": "message", "usage": {"input_tokens": 11, "output_tokens": 4}}'
+    assert usage.from_body(200, anthropic) == usage.Tally(11, 4)
+
+
+def event(name: bytes, payload: bytes) -> bytes:
+    return b"event: " + name + b"\ndata: " + payload + b"\n\n"
+
+
+def test_streams_of_responses_and_messages_count_their_usage_events():
+    responses = usage.StreamTally()
+    responses.feed(event(b"response.output_text.delta",
+                         b'{"type": "response.output_text.delta", "delta": "a"}')
+                   + event(b"response.completed", b'{"type": "response.completed", "response": '
+                           b'{"usage": {"input_tokens": 6, "output_tokens": 1}}}'))
+    assert responses.result(200, {"input": "hello"}) == usage.Tally(6, 1)
+    messages = usage.StreamTally()  # Anthropic: input at the start, output at the end
+    messages.feed(event(b"message_start", b'{"type": "message_start", "message": '
+                        b'{"usage": {"input_tokens": 9, "output_tokens": 1}}}')
+                  + event(b"content_block_delta", b'{"type": "content_block_delta", "index": 0, '
+                          b'"delta": {"type": "text_delta", "text": "hi"}}')
+                  + event(b"message_delta", b'{"type": "message_delta", '
+                          b'"usage": {"output_tokens": 7}}'))
+    assert messages.result(200, None) == usage.Tally(9, 7)
+
+
+def test_streams_without_usage_of_the_other_endpoints_are_estimated_from_their_text():
+    completions = usage.StreamTally()
+    completions.feed(sse(b'{"choices": [{"text": "once"}]}', b'{"choices": [{"text": " upon"}]}',
+                         b'{"choices": [{"text": "", "finish_reason": "stop"}]}', b"[DONE]"))
+    assert completions.result(200, {"prompt": "x" * 8}) == usage.Tally(2, 2, estimated=True)
+    messages = usage.StreamTally()
+    messages.feed(event(b"content_block_delta", b'{"type": "content_block_delta", "delta": '
+                        b'{"type": "text_delta", "text": "a"}}'))
+    assert messages.result(200, {"messages": [{"role": "user", "content": "abcd"}]}) == \
+        usage.Tally(1, 1, estimated=True)
+
+
 def test_a_stream_that_ends_with_an_error_event_is_an_error():
     tally = usage.StreamTally()
     tally.feed(sse(b'{"error": {"message": "broke", "code": "upstream_stream_broken"}}'))

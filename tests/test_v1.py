@@ -125,7 +125,7 @@ def test_retrieving_a_model_needs_a_token(client, public_llm):
 # -- unknown routes and models ---------------------------------------------------
 
 @pytest.mark.parametrize("method, path", [
-    ("POST", "/v1/embeddings"), ("GET", "/v1/files"), ("POST", "/v1/chat/completions/x"),
+    ("POST", "/v1/moderations"), ("GET", "/v1/files"), ("POST", "/v1/chat/completions/x"),
     ("GET", "/v1/"), ("GET", "/v1")])
 def test_an_unknown_v1_route_is_an_envelope_naming_the_routes(client, auth, method, path):
     error = error_of(client.open(path, method=method, headers=auth("client")), 404)
@@ -133,7 +133,8 @@ def test_an_unknown_v1_route_is_an_envelope_naming_the_routes(client, auth, meth
     assert error["type"] == "invalid_request_error"
     assert error["message"] == (
         f"{method} {path} is not an endpoint of this server; under /v1 it serves "
-        "POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}")
+        "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, "
+        "POST /v1/messages, GET /v1/models, GET /v1/models/{model}, POST /v1/responses")
 
 
 def test_a_wrong_method_on_a_v1_route_is_still_405(client, auth):

@@ -1,7 +1,7 @@
 """Usage per token and LLM in time buckets (GET /api/v1/usage)
 
 Revision ID: d7a3c9e5b214
-Revises: b4e8d2f1a630
+Revises: c9a4e2b7d815
 Create Date: 2026-12-02 01:00:00.000000
 
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = 'd7a3c9e5b214'
-down_revision = 'b4e8d2f1a630'
+down_revision = 'c9a4e2b7d815'
 branch_labels = None
 depends_on = None
 

@@ -8,7 +8,8 @@ One small interface, two sides:
   a public LLM holds a slot (`acquire_slot` / `release_slot`) so that
   MAX_PENDING_PER_LLM counts it too;
 - the publisher side long-polls its session (`poll`), posts an outcome
-  (`complete`) or chunks (`push_chunks`), and disconnects (`drop_session`).
+  (`complete`) or chunks (`push_chunks`, or `push_chunks_batch` for many
+  streams of a session at once), and disconnects (`drop_session`).
 
 Tasks, outcomes, chunks and errors are plain JSON-able data: each waiter
 raises an exception of its own, built from the stored error. The in-memory
@@ -207,6 +208,16 @@ class TaskBus(abc.ABC):
         payload or `done` ends the stream. Raises like `task_info`, and
         Conflict when `seq` leaves a gap or the task is not a streamed infer,
         TooManyRequests when the client reads too slowly."""
+
+    @abc.abstractmethod
+    def push_chunks_batch(self, session_id: str, entries: list[dict],
+                          owner: str | None = None) -> list[dict | None]:
+        """`push_chunks` for many tasks of one session at once (one Redis round
+        trip): each entry is `{task_id, chunks, seq, done}` as push_chunks
+        takes them. Returns, per entry and in order, None (accepted) or the
+        error push_chunks would raise, as data (`ServiceError.to_data()`); a
+        task of another session is Forbidden (`foreign_task`). One entry's
+        error never stops the others. Raises only Unavailable."""
 
     @abc.abstractmethod
     def touch(self, session_id: str) -> None:

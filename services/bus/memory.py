@@ -374,43 +374,20 @@ class MemoryTaskBus(TaskBus):
 
     def push_chunks(self, task_id, chunks, seq, done, owner=None):
         with self._lock:
-            t = self._tasks.get(task_id)
-            self._find(task_id, owner)
-            if t is not None:
-                self._advance(t, self.clock())
-            if (t is not None and seq is not None and seq + len(chunks) <= t.received
-                    and (t.stream_done or not done)
-                    and (t.state in OPEN or t.state == TaskState.DONE)):
-                self._signed(t)
-                return  # a retried batch we already have, even if the stream ended since
-            t = self._find_open(task_id)
-            if t.kind != "infer" or not t.payload.get("streaming"):
-                raise Conflict(f"Task '{task_id}' is not a stream: post its result",
-                               code="not_a_stream")
-            start = t.received if seq is None else seq
-            if start > t.received:
-                raise Conflict(f"Chunk seq {seq} leaves a gap: expected {t.received}",
-                               code="seq_gap", details={"expected_seq": t.received})
-            if len(t.chunks) + len(chunks) > self.delivery.max_buffered_chunks:
-                raise TooManyRequests("The client is not reading the stream fast enough",
-                                      headers={"Retry-After": "1"})
-            self._signed(t)
-            for data in chunks[t.received - start:]:
-                t.received += 1
-                if data.strip() == DONE_MARKER:
-                    t.stream_done = True
-                    break
-                t.chunks.append(data)
-            if done:
-                t.stream_done = True
-            now = self.clock()
-            if t.state == TaskState.QUEUED:  # answered without a poll: count it picked
-                self._unqueue(t)
-                self._pick(t, now)
-            t.last_activity = now
-            if t.stream_done:
-                self._finish(t, TaskState.DONE, None)
-            t.changed.set()
+            self._push(task_id, chunks, seq, done, owner)
+
+    def push_chunks_batch(self, session_id, entries, owner=None):
+        results = []
+        with self._lock:
+            for entry in entries:
+                try:
+                    self._push(entry["task_id"], entry["chunks"], entry.get("seq"),
+                               entry.get("done", False), owner, session_id)
+                except (NotFound, Forbidden, Conflict, Gone, TooManyRequests) as exc:
+                    results.append(exc.to_data())
+                else:
+                    results.append(None)
+        return results
 
     def touch(self, session_id):
         with self._lock:
@@ -661,14 +638,59 @@ class MemoryTaskBus(TaskBus):
                 session.wakeup.set()
         t.changed.set()
 
-    def _find(self, task_id, owner=None):
-        """The task's state. Raises NotFound, Forbidden (with `owner`: not its task)."""
+    def _push(self, task_id, chunks, seq, done, owner=None, session_id=None):
+        """push_chunks' rules; with `session_id`, a task of another session is Forbidden."""
         t = self._tasks.get(task_id)
-        state, task_owner = (t.state, t.owner) if t is not None else self._tombstone_of(task_id)
+        self._find(task_id, owner, session_id)
+        if t is not None:
+            self._advance(t, self.clock())
+        if (t is not None and seq is not None and seq + len(chunks) <= t.received
+                and (t.stream_done or not done)
+                and (t.state in OPEN or t.state == TaskState.DONE)):
+            self._signed(t)
+            return  # a retried batch we already have, even if the stream ended since
+        t = self._find_open(task_id)
+        if t.kind != "infer" or not t.payload.get("streaming"):
+            raise Conflict(f"Task '{task_id}' is not a stream: post its result",
+                           code="not_a_stream")
+        start = t.received if seq is None else seq
+        if start > t.received:
+            raise Conflict(f"Chunk seq {seq} leaves a gap: expected {t.received}",
+                           code="seq_gap", details={"expected_seq": t.received})
+        if len(t.chunks) + len(chunks) > self.delivery.max_buffered_chunks:
+            raise TooManyRequests("The client is not reading the stream fast enough",
+                                  headers={"Retry-After": "1"})
+        self._signed(t)
+        for data in chunks[t.received - start:]:
+            t.received += 1
+            if data.strip() == DONE_MARKER:
+                t.stream_done = True
+                break
+            t.chunks.append(data)
+        if done:
+            t.stream_done = True
+        now = self.clock()
+        if t.state == TaskState.QUEUED:  # answered without a poll: count it picked
+            self._unqueue(t)
+            self._pick(t, now)
+        t.last_activity = now
+        if t.stream_done:
+            self._finish(t, TaskState.DONE, None)
+        t.changed.set()
+
+    def _find(self, task_id, owner=None, session_id=None):
+        """The task's state. Raises NotFound, Forbidden (with `owner`: not its
+        token's task; with `session_id`: not that session's)."""
+        t = self._tasks.get(task_id)
+        state, task_owner, task_session = ((t.state, t.owner, t.session_id) if t is not None
+                                           else self._tombstone_of(task_id))
         if state is None:
             raise NotFound(f"Task '{task_id}' not found", code="task_not_found")
         if owner is not None and owner != task_owner:
             raise Forbidden(f"Task '{task_id}' belongs to another publisher",
+                            code="foreign_task")
+        if session_id is not None and session_id != task_session:
+            raise Forbidden(f"Task '{task_id}' belongs to another session",
                             code="foreign_task")
         return state
 
@@ -685,17 +707,17 @@ class MemoryTaskBus(TaskBus):
         return t
 
     def _tombstone(self, t):
-        self._tombstones[t.id] = (t.state, t.owner, self.clock() + TOMBSTONE_TTL)
+        self._tombstones[t.id] = (t.state, t.owner, t.session_id, self.clock() + TOMBSTONE_TTL)
         self._tombstones.move_to_end(t.id)
         while len(self._tombstones) > TOMBSTONE_MAX:
             self._tombstones.popitem(last=False)
 
     def _tombstone_of(self, task_id):
-        """(state, owner) of a finished task, or (None, None)."""
+        """(state, owner, session) of a finished task, or (None, None, None)."""
         entry = self._tombstones.get(task_id)
-        if entry is None or entry[2] < self.clock():
-            return None, None
-        return entry[0], entry[1]
+        if entry is None or entry[3] < self.clock():
+            return None, None, None
+        return entry[:3]
 
     def _maybe_prune(self, now):
         """Forget sessions that are neither live nor owed anything, and old tombstones."""
@@ -707,7 +729,7 @@ class MemoryTaskBus(TaskBus):
                     if not self._live(s, now) and sid not in busy]:
             del self._sessions[sid]
         while self._tombstones:
-            task_id, (_, _, expires) = next(iter(self._tombstones.items()))
+            task_id, (*_, expires) = next(iter(self._tombstones.items()))
             if expires >= now:
                 break
             del self._tombstones[task_id]

@@ -394,6 +394,17 @@ class RedisTaskBus(TaskBus):
         self._answer(self._run("push_chunks", task_id, owner or "", "" if seq is None else seq,
                                _flag(done), self.delivery.max_buffered_chunks, *chunks))
 
+    def push_chunks_batch(self, session_id, entries, owner=None):
+        if not entries:
+            return []
+        args = [session_id, owner or "", self.delivery.max_buffered_chunks]
+        for entry in entries:
+            seq = entry.get("seq")
+            args += [entry["task_id"], "" if seq is None else seq, _flag(entry.get("done")),
+                     len(entry["chunks"]), *entry["chunks"]]
+        return [loads(error) if error else None
+                for error in self._run("push_chunks_batch", *args)]
+
     def touch(self, session_id):
         self._run("touch", session_id)
 

@@ -72,24 +72,38 @@ def result_of(mocked, task_id="t1"):
     return sent_json(calls_to(mocked, "POST", f"/tasks/{task_id}/result")[-1])
 
 
+SESSION_CHUNKS = f"{API}/publishers/sess-1/chunks"
+
+
 def expect_chunks(mocked, task_id="t1", status=200):
-    """Register the chunks endpoint; returns an Event set by the done batch."""
+    """Register the session's chunks endpoint, answering every entry for
+    `task_id` with `status`; returns an Event set by its done entry (or its 410)."""
     done = threading.Event()
 
     def chunks(request):
-        if json.loads(request.body).get("done"):
-            done.set()
-        if status == 410:
-            done.set()
-            return 410, {}, json.dumps({"error": {"message": "client gone"}})
-        return 200, {}, json.dumps({"accepted": True})
-    mocked.add_callback(responses.POST, f"{API}/tasks/{task_id}/chunks", callback=chunks)
+        results = []
+        for entry in json.loads(request.body)["tasks"]:
+            if entry["task_id"] != task_id:
+                results.append({"task_id": entry["task_id"], "accepted": True})
+            elif status == 410:
+                done.set()
+                results.append({"task_id": task_id, "error": {
+                    "status": 410, "code": "task_cancelled", "message": "client gone"}})
+            else:
+                if entry.get("done"):
+                    done.set()
+                results.append({"task_id": task_id, "accepted": True})
+        return 200, {}, json.dumps({"results": results})
+    if not any(getattr(m, "url", None) == SESSION_CHUNKS for m in mocked.registered()):
+        mocked.add_callback(responses.POST, SESSION_CHUNKS, callback=chunks)
     return done
 
 
 def posted_chunks(mocked, task_id="t1"):
-    batches = [sent_json(c) for c in calls_to(mocked, "POST", f"/tasks/{task_id}/chunks")]
-    return [chunk["data"] for batch in batches for chunk in batch["chunks"]], batches
+    """The data of the chunks posted for `task_id`, and its entries (one per POST)."""
+    entries = [entry for call in calls_to(mocked, "POST", "/publishers/sess-1/chunks")
+               for entry in sent_json(call)["tasks"] if entry["task_id"] == task_id]
+    return [chunk["data"] for entry in entries for chunk in entry["chunks"]], entries
 
 
 def sse(*payloads) -> bytes:
@@ -356,7 +370,7 @@ def test_a_410_on_chunks_aborts_the_backend_stream(publisher, mocked, slow_backe
 
     assert slow_backend.disconnected.wait(2), "the backend never saw the client go"
     assert slow_backend.chunks_sent < 100
-    assert len(calls_to(mocked, "POST", "/tasks/t1/chunks")) == 1
+    assert len(posted_chunks(mocked)[1]) == 1
     assert not calls_to(mocked, "POST", "/tasks/t1/result")
 
 

@@ -11,11 +11,17 @@
 
 Without a script, `POST /v1/chat/completions` echoes the last user message:
 as one chat.completion, or (`"stream": true`) word by word as
-chat.completion.chunk SSE events ending with `data: [DONE]`. Each scripted
-reply answers exactly one chat request, in order. `GET /v1/models` lists
-`models`.
+chat.completion.chunk SSE events ending with `data: [DONE]`. The other
+endpoints answer in their own shapes, streamed when asked (`event:` lines
+for responses and Anthropic's messages, `[DONE]` only for completions):
+`/v1/completions` echoes the prompt, `/v1/responses` the input,
+`/v1/messages` the last user message, and `/v1/embeddings` gives each input
+the vector `embedding_of(text)`. Each scripted reply answers exactly one
+request, in order; a chunk given as (event, dict) is sent with its `event:`
+line. `GET /v1/models` lists `models`.
 """
 import collections
+import hashlib
 import json
 import socket
 import threading
@@ -62,7 +68,7 @@ class FakeOpenAI:
         class Handler(_Handler):
             owner = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -108,6 +114,9 @@ class FakeOpenAI:
     def chat_requests(self) -> list[dict]:
         return [r for r in self.requests if r["path"].endswith("/chat/completions")]
 
+    def requests_to(self, endpoint: str) -> list[dict]:
+        return [r for r in self.requests if r["path"].rstrip("/") == f"/v1/{endpoint}"]
+
     @property
     def last_request(self) -> dict:
         return self.requests[-1]
@@ -121,12 +130,22 @@ class FakeOpenAI:
             return self._replies.popleft() if self._replies else None
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512   # many streams connect at once (the default backlog is 5)
+
+
 def completion(content, model="fake-model") -> dict:
     return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000,
             "model": model,
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+
+def embedding_of(text: str, dimensions: int = 4) -> list[float]:
+    """A deterministic vector from the text's bytes."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 255, 4) for byte in digest[:dimensions]]
 
 
 def completion_chunk(content, model="fake-model", finish_reason=None) -> dict:
@@ -159,10 +178,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         self._record(body)
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        endpoint = self.path.rstrip("/").removeprefix("/v1/")
+        default = DEFAULT_REPLIES.get(endpoint)
+        if default is None:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
             return
-        reply = self.owner._next_reply() or self._default_reply(body or {})
+        reply = self.owner._next_reply() or default(self, body or {})
         if reply.delay:
             time.sleep(reply.delay)
         if reply.chunks is not None:
@@ -188,8 +209,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_stream(self, reply, model):
         delay = self.owner.chunk_delay if reply.chunk_delay is None else reply.chunk_delay
-        events = [c if isinstance(c, dict) else completion_chunk(c, model) for c in reply.chunks]
-        payloads = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+        payloads = [_sse(c) if isinstance(c, dict | tuple) else _sse(completion_chunk(c, model))
+                    for c in reply.chunks]
         if reply.done:
             payloads.append(b"data: [DONE]\n\n")
         self.send_response(reply.status)
@@ -246,3 +267,110 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner._record({"method": self.command, "path": self.path,
                             "client_port": self.client_address[1],
                             "headers": CaseInsensitiveDict(self.headers.items()), "json": body})
+
+
+def _sse(chunk) -> bytes:
+    """`data: {...}`, after `event: <name>` for an (event, dict) chunk."""
+    if isinstance(chunk, tuple):
+        event, data = chunk
+        return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _words(text: str) -> list[str]:
+    return [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+
+
+def _text_of(value) -> str:
+    """The text of a prompt or an input: a string, or the strings in a list."""
+    if isinstance(value, str):
+        return value or "Hello!"
+    if isinstance(value, list):
+        texts = [_text_of(v.get("content")) if isinstance(v, dict) else _text_of(v)
+                 for v in value]
+        return texts[-1] if texts else "Hello!"
+    return "Hello!"
+
+
+def _completion_reply(handler, body) -> ScriptedReply:
+    text, model = _text_of(body.get("prompt")), body.get("model", "fake-model")
+    def choice(text, finish=None):
+        return {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000,
+                "model": model, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                             "finish_reason": finish}]}
+    if body.get("stream") is True:
+        return ScriptedReply(chunks=[choice(w) for w in _words(text)] + [choice("", "stop")])
+    return ScriptedReply(body={**choice(text, "stop"), "usage": {
+        "prompt_tokens": 1, "completion_tokens": len(text.split()),
+        "total_tokens": 1 + len(text.split())}})
+
+
+def _embedding_reply(handler, body) -> ScriptedReply:
+    inputs = body.get("input")
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    texts = [i if isinstance(i, str) else " ".join(map(str, i)) for i in inputs]
+    return ScriptedReply(body={
+        "object": "list", "model": body.get("model", "fake-model"),
+        "data": [{"object": "embedding", "index": n, "embedding": embedding_of(t)}
+                 for n, t in enumerate(texts)],
+        "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}})
+
+
+def _response_object(model, text, status="completed") -> dict:
+    content = [{"type": "output_text", "text": text, "annotations": []}] if text else []
+    return {"id": "resp_fake", "object": "response", "created_at": 1700000000, "model": model,
+            "status": status, "output": [{"type": "message", "id": "msg_fake", "role": "assistant",
+                                          "status": status, "content": content}],
+            "usage": {"input_tokens": 1, "output_tokens": len(text.split()),
+                      "total_tokens": 1 + len(text.split())} if text else None}
+
+
+def _responses_reply(handler, body) -> ScriptedReply:
+    text, model = _text_of(body.get("input")), body.get("model", "fake-model")
+    if body.get("stream") is not True:
+        return ScriptedReply(body=_response_object(model, text))
+    events = [("response.created", {"type": "response.created", "sequence_number": 0,
+                                    "response": _response_object(model, "", "in_progress")})]
+    for word in _words(text):
+        events.append(("response.output_text.delta", {
+            "type": "response.output_text.delta", "item_id": "msg_fake", "output_index": 0,
+            "content_index": 0, "delta": word, "sequence_number": len(events)}))
+    events.append(("response.completed", {"type": "response.completed",
+                                          "sequence_number": len(events),
+                                          "response": _response_object(model, text)}))
+    return ScriptedReply(chunks=events, done=False)
+
+
+def _messages_reply(handler, body) -> ScriptedReply:
+    """Anthropic's messages: the last user message back."""
+    messages = body.get("messages") or []
+    last = next((m.get("content") for m in reversed(messages)
+                 if isinstance(m, dict) and m.get("role") == "user"), "")
+    text = last if isinstance(last, str) and last else _text_of(
+        [b.get("text") for b in last if isinstance(b, dict)] if isinstance(last, list) else "")
+    model = body.get("model", "fake-model")
+    message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+               "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+               "stop_sequence": None, "usage": {"input_tokens": 1,
+                                                "output_tokens": len(text.split())}}
+    if body.get("stream") is not True:
+        return ScriptedReply(body=message)
+    events = [("message_start", {"type": "message_start", "message": {
+                  **message, "content": [], "stop_reason": None,
+                  "usage": {"input_tokens": 1, "output_tokens": 0}}}),
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": word}})
+               for word in _words(text)]
+    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta",
+                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": len(text.split())}}),
+               ("message_stop", {"type": "message_stop"})]
+    return ScriptedReply(chunks=events, done=False)
+
+
+DEFAULT_REPLIES = {"chat/completions": _Handler._default_reply,
+                   "completions": _completion_reply, "embeddings": _embedding_reply,
+                   "responses": _responses_reply, "messages": _messages_reply}

@@ -282,6 +282,64 @@ local function check_open(t)
   return nil
 end
 
+-- Append a stream's chunks (push_chunks.lua, push_chunks_batch.lua): ARG(first)
+-- .. ARG(first + count - 1) are the chunks. seq '' means "append"; a batch that
+-- only repeats chunks already received is accepted, even after the stream
+-- ended. '[DONE]' or done ends the stream. With `session` (not ''), a task of
+-- another session is foreign. Returns nil, or the error.
+local function push_chunks(id, owner, session, seq, done, max_buffered, first, count)
+  local t, e = find(id, owner)
+  if e then return e end
+  if session ~= '' and t.session ~= session then
+    return err(403, 'foreign_task', "Task '" .. id .. "' belongs to another session")
+  end
+  refresh(t)
+  local received = tonumber(t.received)
+  if seq ~= '' and tonumber(seq) + count <= received and (t.done == '1' or not done)
+      and (OPEN[t.state] or t.state == 'done') then
+    signed(t)
+    return nil  -- a retry of what we have; but a stopped task says so (410)
+  end
+  e = check_open(t)
+  if e then return e end
+  if t.kind ~= 'infer' or t.streaming ~= '1' then
+    return err(409, 'not_a_stream', "Task '" .. id .. "' is not a stream: post its result")
+  end
+  local start = seq == '' and received or tonumber(seq)
+  if start > received then
+    return err(409, 'seq_gap', 'Chunk seq ' .. seq .. ' leaves a gap: expected ' .. received,
+               {expected_seq = received})
+  end
+  local key = P .. 'c:' .. id
+  if redis.call('LLEN', key) + count > max_buffered then
+    return err(429, 'too_many_pending', 'The client is not reading the stream fast enough',
+               nil, {['Retry-After'] = '1'})
+  end
+  signed(t)
+  local ended = false
+  for i = received - start + 1, count do
+    local data = ARG(first + i - 1)
+    received = received + 1
+    if string.match(data, '^%s*(.-)%s*$') == '[DONE]' then ended = true; break end
+    redis.call('RPUSH', key, data)
+  end
+  if done then ended = true end
+  if t.state == 'queued' then  -- answered without a poll: count it picked
+    redis.call('LREM', P .. 'q:' .. t.session, 0, id)
+    pick(t)
+  end
+  redis.call('HSET', P .. 't:' .. id, 'received', received, 'activity', NOW)
+  local life = redis.call('PTTL', P .. 't:' .. id)
+  if life > 0 then redis.call('PEXPIRE', key, life) end
+  if ended then
+    redis.call('HSET', P .. 't:' .. id, 'done', 1)
+    finish(t, 'done', nil)
+  else
+    notify_task(id)
+  end
+  return nil
+end
+
 -- -- the fair queue ---------------------------------------------------------
 -- fq:<queue>:w:<token> list of entry ids (a token's waiting requests, in order)
 -- fq:<queue>:ring zset token -> score: the token served least recently first
