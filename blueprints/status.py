@@ -85,9 +85,13 @@ def logout():
 
 
 def record_error_answer(response):
-    """App-level `after_request`: keep the server's error answers for the page."""
+    """App-level `after_request`: keep the server's error answers for the page.
+    Not a publisher held back (its 429s are flow control), not the health
+    checks, and not the bus's own absence (recording would wait on it too)."""
     code = response.status_code
     if code < 500 and code not in RECORDED_STATUSES:
+        return response
+    if request.blueprint == "health" or (code == 429 and request.blueprint == "api.publishers"):
         return response
     error = {}
     if response.mimetype == "application/json":  # our envelope: small, even when streamed
@@ -97,6 +101,8 @@ def record_error_answer(response):
             error = {}
     if not isinstance(error, dict):
         error = {}
+    if error.get("code") == "bus_unavailable":
+        return response
     current_app.extensions["recent_errors"].record(recent_errors.entry(
         at=iso(utcnow()), status=code, code=error.get("code"), message=error.get("message"),
         method=request.method, path=request.path, request_id=request_ids.current()))

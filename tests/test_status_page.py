@@ -130,3 +130,21 @@ def test_no_token_appears_on_the_page(client, tokens, signed_in):
     html = signed_in.get("/status").text
     for raw in tokens.values():
         assert raw not in html
+
+
+def test_flow_control_health_checks_and_a_missing_bus_are_not_recorded(app):
+    """A publisher held back (429 on its routes), /readyz, and bus_unavailable
+    (recording would wait on the missing bus too) stay off the list; a
+    client's 429 goes on it."""
+    from blueprints.errors import error_response
+    from blueprints.status import record_error_answer
+
+    answers = [("/api/v1/tasks/t1/chunks", 429, "too_many_buffered_chunks"),
+               ("/api/v1/publishers/s1/tasks", 429, "too_many_polls"),
+               ("/readyz", 503, "not_ready"),
+               ("/api/v1/llms/x/infer", 503, "bus_unavailable"),
+               ("/api/v1/llms/x/infer", 429, "too_many_pending")]
+    for path, status, code in answers:
+        with app.test_request_context(path, method="POST" if "tasks/" in path else "GET"):
+            record_error_answer(error_response(status, "m", "t", code))
+    assert [e["code"] for e in app.extensions["recent_errors"].latest()] == ["too_many_pending"]
