@@ -18,7 +18,7 @@ from schemas.agent import (agent_create, agent_update, chat_request, personality
                            prompt_update, thread_create)
 from schemas.inference import BODY_SCHEMAS, chat_completion
 from schemas.llm import llm_create, llm_update
-from schemas.publisher import chunks, register, result
+from schemas.publisher import chunks, register, result, session_chunks
 
 DOCUMENTED_PREFIXES = ("/api/v1/", "/v1/")
 JSON = "application/json"
@@ -196,6 +196,12 @@ OPERATIONS = {
     "api.publishers.post_chunks": Operation(
         "A batch of a streamed task's chunks", answer=views.AcceptedSchema, body=chunks,
         roles=("publisher",), errors=(404, 409, 410, 413, 429)),
+    "api.publishers.post_session_chunks": Operation(
+        "The chunks of many streams of the session in one POST", answer=views.ChunkResultsSchema,
+        body=session_chunks, roles=("publisher",), errors=(404, 413), description=(
+            "Each entry follows the rules of `POST /tasks/{task_id}/chunks`; its outcome is in "
+            "`results`, in order: `accepted`, or the `error` (status, code, message) its own "
+            "POST would get (a task of another session: 403).")),
     # Agents and chat
     "api.chat.list_threads": Read("The caller's threads with an agent (all, for an admin)",
                                   [views.ThreadViewSchema], item=True),

@@ -221,3 +221,21 @@ class UsageRowSchema(Schema):
     completion_tokens = fields.Integer(required=True)
     estimated = fields.Boolean(required=True, metadata={
         "description": "true when a count was estimated from a stream's chunks"})
+
+
+class ChunkErrorSchema(Schema):
+    status = fields.Integer(required=True)
+    code = Text()
+    message = Text()
+
+
+class ChunkResultSchema(Schema):
+    """One entry's outcome: `accepted`, or the error its own POST would get."""
+
+    task_id = Text()
+    accepted = fields.Boolean()
+    error = fields.Nested(ChunkErrorSchema)
+
+
+class ChunkResultsSchema(Schema):
+    results = fields.List(fields.Nested(ChunkResultSchema), required=True)

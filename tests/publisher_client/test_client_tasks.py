@@ -401,7 +401,7 @@ class GatedBackend:
     def available(self):
         return True
 
-    def answer(self, body, stream, call):
+    def answer(self, body, stream, call, endpoint="chat/completions"):
         with self.lock:
             self.running += 1
             self.started += 1
