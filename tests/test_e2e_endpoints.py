@@ -217,6 +217,21 @@ def test_errors_on_messages_use_anthropics_envelope(server, http, claude, every)
         "type": "invalid_request_error", "message": "messages: Shorter than minimum length 1."}}
 
 
+def test_a_messages_stream_that_breaks_ends_with_anthropics_error_event(server, http, fake,
+                                                                      every):
+    start = ("message_start", {"type": "message_start", "message": {"id": "m", "content": []}})
+    fake.script(chunks=[start, start, start], break_after=1, done=False)
+    with post(server, http, "messages", {"model": every, "max_tokens": 5, "stream": True,
+                                         "messages": [{"role": "user", "content": "x"}]},
+              stream=True) as response:
+        lines = sse_lines(response)
+    assert lines[:2] == ["event: message_start", f"data: {json.dumps(start[1])}"]
+    assert lines[2] == "event: error"
+    error = json.loads(lines[3][len("data: "):])
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "broke" in error["error"]["message"]
+
+
 def test_the_token_counts_as_x_api_key_only_on_anthropics_route(server, http, every):
     response = post(server, http, "completions", {"model": every, "prompt": "x"},
                     headers={"x-api-key": server.tokens["client"]})
