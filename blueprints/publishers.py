@@ -79,8 +79,7 @@ def post_result(task_id):
 @require("publisher")
 def post_chunks(task_id):
     data = json_body(schemas.chunks)
-    bus().push_chunks(task_id, [chunk["data"] for chunk in data["chunks"]], data["seq"],
-                      data["done"], owner=lifecycle.task_owner(caller()))
+    streams.push_task_chunks(bus(), task_id, lifecycle.task_owner(caller()), data)
     return {"accepted": True}
 
 

@@ -1,12 +1,15 @@
 """Local LLM backends: any OpenAI-compatible server, and a built-in echo.
 
-A backend answers a chat-completions body with an Answer: either a status
-and body (non-streaming, or a streaming request the backend refused), or an
-iterator of SSE payloads (chat.completion.chunk JSON strings, then
+A backend answers a body for one of the endpoints (`chat/completions`,
+`completions`, `embeddings`, `responses`, `messages`: it is POSTed to
+`{url}/{endpoint}`) with an Answer: either a status and body (non-streaming,
+or a streaming request the backend refused), or an iterator of SSE payloads
+(JSON strings, an `Event` where the stream names its events, then maybe
 "[DONE]"). Every request runs under a Call, which another thread may abort
 at any moment: the socket is shut down, so a blocked connect, send or read
 returns at once and the backend sees the client go away.
 """
+import hashlib
 import contextlib
 import json
 import logging
@@ -29,6 +32,20 @@ from publisher_client.errors import BackendUnavailable
 log = logging.getLogger(__name__)
 
 DONE = "[DONE]"
+DEFAULT_ENDPOINT = "chat/completions"
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+class Event(str):
+    """An SSE payload that came with an `event:` line (responses, Anthropic's
+    messages): relayed with its name."""
+
+    event: str
+
+    def __new__(cls, data: str, event: str):
+        payload = super().__new__(cls, data)
+        payload.event = event
+        return payload
 CONNECT_TIMEOUT = 5.0
 INFER_READ_TIMEOUT = 600.0      # the server's INFER_TIMEOUT
 STREAM_READ_TIMEOUT = 120.0     # the server's STREAM_IDLE_TIMEOUT, between two reads
@@ -160,6 +177,7 @@ class OpenAIBackend:
         # A connection is never reused, so a late abort() cannot cut the next
         # request's; one connect per answer is nothing next to generating it.
         self.http.headers["Connection"] = "close"
+        self.api_key = llm.api_key
         if llm.api_key:
             self.http.headers["Authorization"] = f"Bearer {llm.api_key}"
 
@@ -172,13 +190,18 @@ class OpenAIBackend:
         response.close()
         return 200 <= response.status_code < 300
 
-    def answer(self, body: dict, stream: bool, call: Call) -> Answer:
-        """POST {url}/chat/completions. Raises BackendUnavailable when the
-        backend cannot be reached or breaks off, Aborted when `call` is aborted."""
+    def answer(self, body: dict, stream: bool, call: Call,
+               endpoint: str = DEFAULT_ENDPOINT) -> Answer:
+        """POST {url}/{endpoint}. Raises BackendUnavailable when the backend
+        cannot be reached or breaks off, Aborted when `call` is aborted."""
         read_timeout = STREAM_READ_TIMEOUT if stream else INFER_READ_TIMEOUT
+        headers = None
+        if endpoint == "messages":  # Anthropic's way, beside the bearer token
+            headers = {"anthropic-version": ANTHROPIC_VERSION,
+                       **({"x-api-key": self.api_key} if self.api_key else {})}
         try:
             with _running_under(call):
-                response = self.http.post(f"{self.url}/chat/completions", json=body,
+                response = self.http.post(f"{self.url}/{endpoint}", json=body, headers=headers,
                                           stream=True, timeout=(CONNECT_TIMEOUT, read_timeout))
         except requests.RequestException as exc:  # an abort shows up here too
             call.check()
@@ -201,21 +224,25 @@ class OpenAIBackend:
         return Answer(response.status_code, _json_or_text(content))
 
     def _sse_payloads(self, response, call) -> Iterator[str]:
-        """The `data:` payloads of the backend's event stream, as they arrive."""
+        """The `data:` payloads of the backend's event stream, as they arrive
+        (an Event for one that came with an `event:` line)."""
         try:
             data_lines: list[str] = []
+            event = None
             for line in _lines(response.raw, call):
                 if line == "":
                     if data_lines:
-                        yield "\n".join(data_lines)
+                        yield _payload(data_lines, event)
                         data_lines = []
+                    event = None
                 elif line.startswith("data:"):
-                    value = line[5:]
-                    data_lines.append(value[1:] if value.startswith(" ") else value)
-                # `event:`, `id:`, `retry:` and `:` comments carry nothing we relay
+                    data_lines.append(_field_value(line[5:]))
+                elif line.startswith("event:"):
+                    event = _field_value(line[6:]) or None
+                # `id:`, `retry:` and `:` comments carry nothing we relay
             call.check()  # an abort ends the read as a clean EOF: not the end of the answer
             if data_lines:
-                yield "\n".join(data_lines)
+                yield _payload(data_lines, event)
         except Aborted:
             raise
         except Exception as exc:  # an abort shows up here as a read error
@@ -247,6 +274,15 @@ def _timed_out(exc: BaseException | None) -> bool:
     return False
 
 
+def _field_value(value: str) -> str:
+    return value[1:] if value.startswith(" ") else value
+
+
+def _payload(data_lines, event) -> str:
+    data = "\n".join(data_lines)
+    return Event(data, event) if event else data
+
+
 def _lines(raw, call) -> Iterator[str]:
     """Lines of a streamed body, each yielded as soon as its newline arrives
     (read1 returns what the socket has instead of waiting for a full buffer;
@@ -273,7 +309,12 @@ def _json_or_text(content: bytes):
 
 
 class EchoBackend:
-    """A test backend: answers with the last user message, streamed word by word."""
+    """A test backend that answers every endpoint with the caller's own text:
+    chat, completions, responses and messages with the last user message (or
+    the prompt, the input), streamed word by word; embeddings with a
+    deterministic vector from each input's bytes."""
+
+    DIMENSIONS = 8
 
     def __init__(self, llm: LlmConfig):
         self.model = llm.model
@@ -281,22 +322,70 @@ class EchoBackend:
     def available(self) -> bool:
         return True
 
-    def answer(self, body: dict, stream: bool, call: Call) -> Answer:
-        text = _last_user_text(body.get("messages") or [])
+    def answer(self, body: dict, stream: bool, call: Call,
+               endpoint: str = DEFAULT_ENDPOINT) -> Answer:
         model = body.get("model") or self.model
+        if endpoint == "embeddings":
+            return Answer(200, self._embeddings(body.get("input"), model))
+        text = _echoed_text(endpoint, body)
+        shape = _ECHO_SHAPES[endpoint]
         if stream:
-            return Answer(200, chunks=self._chunks(text, model, call))
-        words = len(text.split())
-        return Answer(200, {
-            "id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": words, "completion_tokens": words,
-                      "total_tokens": 2 * words},
-        })
+            return Answer(200, chunks=_checked(shape.chunks(text, model), call))
+        return Answer(200, shape.whole(text, model))
 
-    def _chunks(self, text, model, call) -> Iterator[str]:
+    def _embeddings(self, inputs, model) -> dict:
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        texts = [i if isinstance(i, str) else json.dumps(i) for i in inputs]
+        return {"object": "list", "model": model,
+                "data": [{"object": "embedding", "index": n, "embedding": embedding_of(t)}
+                         for n, t in enumerate(texts)],
+                "usage": {"prompt_tokens": sum(len(t.split()) for t in texts),
+                          "total_tokens": sum(len(t.split()) for t in texts)}}
+
+
+def embedding_of(text: str, dimensions: int = EchoBackend.DIMENSIONS) -> list[float]:
+    """The echo backend's vector for `text`: from the SHA-256 of its bytes."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 255, 4) for byte in digest[:dimensions]]
+
+
+def _checked(chunks, call) -> Iterator[str]:
+    for chunk in chunks:
+        call.check()
+        yield chunk
+
+
+def _echoed_text(endpoint: str, body: dict) -> str:
+    if endpoint == "completions":
+        prompt = body.get("prompt")
+        return prompt if isinstance(prompt, str) else " ".join(
+            p for p in prompt or () if isinstance(p, str))
+    if endpoint == "responses":
+        given = body.get("input")
+        return given if isinstance(given, str) else _last_user_text(given or [])
+    return _last_user_text(body.get("messages") or [])
+
+
+def _words(text: str) -> list[str]:
+    words = text.split(" ")
+    return [word if i == len(words) - 1 else word + " " for i, word in enumerate(words)]
+
+
+def _usage(text: str) -> dict:
+    words = len(text.split())
+    return {"prompt_tokens": words, "completion_tokens": words, "total_tokens": 2 * words}
+
+
+class _ChatShape:
+    @staticmethod
+    def whole(text, model):
+        return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
+                "model": model, "usage": _usage(text),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop"}]}
+
+    @staticmethod
+    def chunks(text, model):
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(delta, finish_reason=None):
@@ -307,12 +396,89 @@ class EchoBackend:
             })
 
         yield chunk({"role": "assistant", "content": ""})
-        words = text.split(" ")
-        for i, word in enumerate(words):
-            call.check()
-            yield chunk({"content": word if i == len(words) - 1 else word + " "})
+        for word in _words(text):
+            yield chunk({"content": word})
         yield chunk({}, "stop")
         yield DONE
+
+
+class _CompletionShape:
+    @staticmethod
+    def whole(text, model):
+        return {"id": _completion_id(), "object": "text_completion", "created": int(time.time()),
+                "model": model, "usage": _usage(text),
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": "stop"}]}
+
+    @staticmethod
+    def chunks(text, model):
+        completion_id, created = _completion_id(), int(time.time())
+        for word, finish in [(w, None) for w in _words(text)] + [("", "stop")]:
+            yield json.dumps({"id": completion_id, "object": "text_completion",
+                              "created": created, "model": model,
+                              "choices": [{"index": 0, "text": word, "logprobs": None,
+                                           "finish_reason": finish}]})
+        yield DONE
+
+
+class _ResponseShape:
+    @staticmethod
+    def whole(text, model, status="completed"):
+        words = len(text.split())
+        return {"id": f"resp_{uuid.uuid4().hex}", "object": "response",
+                "created_at": int(time.time()), "model": model, "status": status,
+                "output": [{"type": "message", "id": "msg_echo", "role": "assistant",
+                            "status": status,
+                            "content": [{"type": "output_text", "text": text,
+                                         "annotations": []}] if text else []}],
+                "usage": {"input_tokens": words, "output_tokens": words,
+                          "total_tokens": 2 * words}}
+
+    @staticmethod
+    def chunks(text, model):
+        def event(kind, number, **fields):
+            return Event(json.dumps({"type": kind, "sequence_number": number, **fields}), kind)
+
+        yield event("response.created", 0,
+                    response=_ResponseShape.whole("", model, status="in_progress"))
+        words = _words(text)
+        for n, word in enumerate(words, 1):
+            yield event("response.output_text.delta", n, item_id="msg_echo", output_index=0,
+                        content_index=0, delta=word)
+        yield event("response.completed", len(words) + 1,
+                    response=_ResponseShape.whole(text, model))
+
+
+class _MessageShape:
+    """Anthropic's messages."""
+
+    @staticmethod
+    def whole(text, model):
+        words = len(text.split())
+        return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+                "model": model, "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": words, "output_tokens": words}}
+
+    @staticmethod
+    def chunks(text, model):
+        def event(kind, **fields):
+            return Event(json.dumps({"type": kind, **fields}), kind)
+
+        start = {**_MessageShape.whole("", model), "content": [], "stop_reason": None}
+        yield event("message_start", message=start)
+        yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        for word in _words(text):
+            yield event("content_block_delta", index=0,
+                        delta={"type": "text_delta", "text": word})
+        yield event("content_block_stop", index=0)
+        yield event("message_delta", delta={"stop_reason": "end_turn", "stop_sequence": None},
+                    usage={"output_tokens": len(text.split())})
+        yield event("message_stop")
+
+
+_ECHO_SHAPES = {"chat/completions": _ChatShape, "completions": _CompletionShape,
+                "responses": _ResponseShape, "messages": _MessageShape}
 
 
 def _last_user_text(messages) -> str:
@@ -321,7 +487,7 @@ def _last_user_text(messages) -> str:
             content = message.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
                 return "".join(part.get("text", "") for part in content
-                               if isinstance(part, dict) and part.get("type") == "text")
+                               if isinstance(part, dict) and part.get("type") in ("text", "input_text"))
             return content if isinstance(content, str) else ""
     return ""
 

@@ -14,6 +14,11 @@ import yaml
 from publisher_client.errors import ConfigError
 
 BACKEND_TYPES = ("openai", "echo")
+ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+# What each backend type serves unless an LLM says (`endpoints`): an
+# OpenAI-compatible server surely has these three; echo answers them all.
+DEFAULT_ENDPOINTS = {"openai": ("chat/completions", "completions", "embeddings"),
+                     "echo": ENDPOINTS}
 WAKE_TYPES = ("http", "command")
 TIERS = ("fast", "heavy")
 DEFAULT_SESSION_FILE = "~/.config/switchboard/session.json"
@@ -46,6 +51,7 @@ class LlmConfig:
     max_concurrency: int = 4
     extra_config: dict | None = None
     wake: WakeRecipe | None = None
+    endpoints: tuple[str, ...] = ("chat/completions",)
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ _TOP = {"server": (True, str), "token": (False, str), "token_env": (False, str),
         "heartbeat_seconds": (False, (int, float)), "poll_wait_seconds": (False, (int, float))}
 _LLM = {"name": (True, str), "type": (True, str), "url": (False, str), "model": (False, str),
         "tier": (False, str), "description": (False, str), "api_key_env": (False, str),
-        "max_concurrency": (False, int), "extra_config": (False, dict), "wake": (False, dict)}
+        "max_concurrency": (False, int), "extra_config": (False, dict), "wake": (False, dict),
+        "endpoints": (False, list)}
 _WAKE = {"type": (True, str), "max_wait_seconds": (False, (int, float)),
          "timeout_seconds": (False, (int, float)), "url": (False, str), "method": (False, str),
          "headers": (False, dict), "body": (False, (str, dict, list)), "command": (False, str),
@@ -156,8 +163,14 @@ def _parse_llm(raw, where, environ) -> LlmConfig:
     max_concurrency = item.get("max_concurrency", 4)
     if max_concurrency < 1:
         raise ConfigError(f"{where}.max_concurrency: must be at least 1")
+    endpoints = tuple(item.get("endpoints", DEFAULT_ENDPOINTS[kind]))
+    unknown = [e for e in endpoints if e not in ENDPOINTS]
+    if unknown or not endpoints:
+        raise ConfigError(f"{where}.endpoints: must list some of: {', '.join(ENDPOINTS)}"
+                          + (f" (not {unknown[0]!r})" if unknown else ""))
+    _check_unique(list(endpoints), f"{where}.endpoints")
     return LlmConfig(
-        name=item["name"], type=kind, model=item.get("model", kind),
+        name=item["name"], type=kind, model=item.get("model", kind), endpoints=endpoints,
         url=item["url"].rstrip("/") if "url" in item else None,
         tier=item.get("tier"), description=item.get("description"), api_key=api_key,
         max_concurrency=max_concurrency, extra_config=item.get("extra_config"),

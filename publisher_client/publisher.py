@@ -15,7 +15,7 @@ import threading
 import time
 
 from publisher_client.api import SwitchboardAPI
-from publisher_client.backends import DONE, Aborted, Call, create_backend
+from publisher_client.backends import DEFAULT_ENDPOINT, DONE, Aborted, Call, create_backend
 from publisher_client.backoff import Backoff
 from publisher_client.config import Config, LlmConfig
 from publisher_client.errors import (BackendUnavailable, PublisherError, ServerError,
@@ -102,7 +102,8 @@ class LocalLlm:
         """This LLM as the server's register payload wants it. The seed's
         rule: hibernating only when a wake recipe exists and the backend is down."""
         item = {"name": self.name, "type": self.config.type, "model": self.config.model,
-                "max_concurrency": self.config.max_concurrency}  # the server caps it too
+                "max_concurrency": self.config.max_concurrency,  # the server caps it too
+                "endpoints": list(self.config.endpoints)}
         for key in ("tier", "description", "extra_config"):
             if getattr(self.config, key) is not None:
                 item[key] = getattr(self.config, key)
@@ -426,10 +427,13 @@ class Publisher:
     def _infer(self, llm: LocalLlm, task: dict, call: Call):
         task_id, started = task["task_id"], time.monotonic()
         streaming = bool(task.get("streaming"))
-        body = {**(task.get("body") or {}), "stream": streaming}
+        endpoint = task.get("endpoint", DEFAULT_ENDPOINT)
+        body = dict(task.get("body") or {})
+        if streaming or "stream" in body:  # an embeddings body has no `stream`
+            body["stream"] = streaming
         try:
             call.check()   # cancelled while waiting for a slot
-            answer = self._answer(llm, body, streaming, call)
+            answer = self._answer(llm, endpoint, body, streaming, call)
             if answer.chunks is None:
                 self._post_result(task_id, {"status": answer.status, "body": answer.body})
                 log.info("task %s (%s) done in %d ms: status %d", task_id, llm.name,
@@ -449,17 +453,17 @@ class Publisher:
             with self._calls_lock:
                 self._calls.pop(task_id, None)
 
-    def _answer(self, llm: LocalLlm, body, streaming, call):
-        """Ask the backend; when it is down and has a wake recipe, wake it
-        first and ask again."""
+    def _answer(self, llm: LocalLlm, endpoint, body, streaming, call):
+        """Ask the backend's `endpoint`; when it is down and has a wake recipe,
+        wake it first and ask again."""
         try:
-            return llm.backend.answer(body, streaming, call)
+            return llm.backend.answer(body, streaming, call, endpoint)
         except BackendUnavailable:
             if llm.waker is None:
                 raise
             llm.waker.wake()
             call.check()
-            return llm.backend.answer(body, streaming, call)
+            return llm.backend.answer(body, streaming, call, endpoint)
 
     def _relay_stream(self, task_id, llm, chunks, call, started):
         stream = self.sender.open(self.session_id, task_id, on_gone=call.abort)

@@ -224,7 +224,7 @@ class SessionSender:
             chunks += taken
             done = stream.end_done is True and taken == len(stream.pending)
             entry = {"task_id": stream.task_id, "seq": stream.sent,
-                     "chunks": [{"data": data} for data in stream.pending[:taken]]}
+                     "chunks": [_chunk(data) for data in stream.pending[:taken]]}
             if done:
                 entry["done"] = True
             if not taken and not done:  # an end without `done` and nothing left: over
@@ -310,3 +310,10 @@ class SessionSender:
         """Called with the condition held."""
         if self._streams.get(stream.task_id) is stream:
             del self._streams[stream.task_id]
+
+
+def _chunk(data: str) -> dict:
+    """A chunk entry: its data, and its SSE event's name when it has one
+    (an `Event`, publisher_client/backends.py)."""
+    event = getattr(data, "event", None)
+    return {"data": data, "event": event} if event else {"data": data}

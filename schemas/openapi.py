@@ -173,10 +173,6 @@ OPERATIONS = {
         description=(
             "The token may come as `x-api-key`; errors use Anthropic's envelope. Streamed: the "
             "backend's events, `event:` lines included, and no `[DONE]`.")),
-    "api.publishers.post_session_chunks": Operation(
-        "The chunks of many of the session's streams at once; outcomes per entry, in order",
-        answer=views.EntryResultsSchema, body=session_chunks, roles=("publisher",),
-        errors=(404, 413)),
     # Operations
     "api.operations.usage_view": Operation(
         "Usage per token and LLM: an admin sees every token, anyone else only their own",
@@ -200,6 +196,12 @@ OPERATIONS = {
     "api.publishers.post_chunks": Operation(
         "A batch of a streamed task's chunks", answer=views.AcceptedSchema, body=chunks,
         roles=("publisher",), errors=(404, 409, 410, 413, 429)),
+    "api.publishers.post_session_chunks": Operation(
+        "The chunks of many streams of the session in one POST", answer=views.ChunkResultsSchema,
+        body=session_chunks, roles=("publisher",), errors=(404, 413), description=(
+            "Each entry follows the rules of `POST /tasks/{task_id}/chunks`; its outcome is in "
+            "`results`, in order: `accepted`, or the `error` (status, code, message) its own "
+            "POST would get (a task of another session: 403).")),
     # Agents and chat
     "api.chat.list_threads": Read("The caller's threads with an agent (all, for an admin)",
                                   [views.ThreadViewSchema], item=True),

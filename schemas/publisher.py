@@ -59,8 +59,16 @@ class ResultSchema(RelayedSchema):
             raise ValidationError("give either {status, body} or {error}", "_schema")
 
 
+MAX_CHUNK_ENTRIES = 256
+SSE_EVENT = validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}\Z",
+                            error="must be 1-64 letters, digits, '_', '.', ':' or '-'")
+
+
 class ChunkSchema(RelayedSchema):
+    """A chunk: its data, and the name of its SSE event (`event:` line), if any."""
+
     data = fields.String(required=True)
+    event = fields.String(validate=SSE_EVENT)
 
 
 class ChunksSchema(RelayedSchema):
@@ -69,19 +77,9 @@ class ChunksSchema(RelayedSchema):
     seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
 
 
-MAX_CHUNK_ENTRIES = 256
-SSE_EVENT = validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}\Z",
-                            error="must be 1-64 letters, digits, '_', '.', ':' or '-'")
-
-
-class SessionChunkSchema(RelayedSchema):
-    data = fields.String(required=True)
-    event = fields.String(validate=SSE_EVENT)
-
-
 class SessionChunksEntrySchema(RelayedSchema):
     task_id = fields.String(required=True, validate=validate.Length(min=1, max=128))
-    chunks = fields.List(fields.Nested(SessionChunkSchema), required=True)
+    chunks = fields.List(fields.Nested(ChunkSchema), required=True)
     done = StrictBoolean(load_default=False)
     seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
 

@@ -191,24 +191,6 @@ class AcceptedSchema(Schema):
     accepted = fields.Boolean(required=True)
 
 
-class EntryErrorSchema(Schema):
-    status = fields.Integer(required=True)
-    code = Text()
-    message = Text()
-
-
-class EntryResultSchema(Schema):
-    """One entry's outcome: `{task_id, accepted: true}` or `{task_id, error}`."""
-
-    task_id = Text()
-    accepted = fields.Boolean()
-    error = fields.Nested(EntryErrorSchema)
-
-
-class EntryResultsSchema(Schema):
-    results = fields.List(fields.Nested(EntryResultSchema), required=True)
-
-
 class ModelSchema(Schema):
     id = Text(metadata={"description": "an LLM's name, `agent:<name>` or `pool:<model>`"})
     object = Text(validate=validate.Equal("model"))
@@ -239,3 +221,21 @@ class UsageRowSchema(Schema):
     completion_tokens = fields.Integer(required=True)
     estimated = fields.Boolean(required=True, metadata={
         "description": "true when a count was estimated from a stream's chunks"})
+
+
+class ChunkErrorSchema(Schema):
+    status = fields.Integer(required=True)
+    code = Text()
+    message = Text()
+
+
+class ChunkResultSchema(Schema):
+    """One entry's outcome: `accepted`, or the error its own POST would get."""
+
+    task_id = Text()
+    accepted = fields.Boolean()
+    error = fields.Nested(ChunkErrorSchema)
+
+
+class ChunkResultsSchema(Schema):
+    results = fields.List(fields.Nested(ChunkResultSchema), required=True)

@@ -3,6 +3,14 @@ in one POST (DESIGN.md, "Streams at a real model's pace")."""
 from services.inference import bus_chunk
 
 
+def push_task_chunks(bus, task_id: str, owner: str | None, entry: dict) -> None:
+    """One task's chunks (`{chunks: [{data, event?}], seq, done}`: `POST
+    /tasks/<id>/chunks`). Raises what the bus raises (409, 410, 404, 429, 503)."""
+    bus.push_chunks(task_id, [bus_chunk(chunk["data"], chunk.get("event"))
+                              for chunk in entry["chunks"]],
+                    entry["seq"], entry["done"], owner=owner)
+
+
 def push_session_chunks(bus, session_id: str, owner: str | None, entries: list) -> list[dict]:
     """Hand every entry (`{task_id, chunks: [{data, event?}], seq, done}`) of
     the session's POST to the bus in one call. Returns, per entry and in

@@ -1,7 +1,9 @@
 """Completions, embeddings, responses and Anthropic's messages end to end: the
 real server (gunicorn + gevent) with the official `openai` and `anthropic`
 SDKs, in front of a FakeOpenAI upstream that records what it received (public
-LLMs) and of a publisher speaking the protocol over HTTP (virtual LLMs)."""
+LLMs), of a publisher speaking the protocol over HTTP, and of the real
+`publisher_client` with its echo backend or with the FakeOpenAI as its
+backend (virtual LLMs)."""
 import json
 
 import anthropic
@@ -9,6 +11,8 @@ import openai
 import pytest
 import requests
 
+from publisher_client.backends import embedding_of as echo_embedding_of
+from tests.publisher_client.helpers import PublisherProcess
 from tests.support.fake_openai import embedding_of
 from tests.support.protocol_publisher import ProtocolPublisher
 from tests.support.waiting import wait_until
@@ -213,6 +217,21 @@ def test_errors_on_messages_use_anthropics_envelope(server, http, claude, every)
         "type": "invalid_request_error", "message": "messages: Shorter than minimum length 1."}}
 
 
+def test_a_messages_stream_that_breaks_ends_with_anthropics_error_event(server, http, fake,
+                                                                      every):
+    start = ("message_start", {"type": "message_start", "message": {"id": "m", "content": []}})
+    fake.script(chunks=[start, start, start], break_after=1, done=False)
+    with post(server, http, "messages", {"model": every, "max_tokens": 5, "stream": True,
+                                         "messages": [{"role": "user", "content": "x"}]},
+              stream=True) as response:
+        lines = sse_lines(response)
+    assert lines[:2] == ["event: message_start", f"data: {json.dumps(start[1])}"]
+    assert lines[2] == "event: error"
+    error = json.loads(lines[3][len("data: "):])
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "broke" in error["error"]["message"]
+
+
 def test_the_token_counts_as_x_api_key_only_on_anthropics_route(server, http, every):
     response = post(server, http, "completions", {"model": every, "prompt": "x"},
                     headers={"x-api-key": server.tokens["client"]})
@@ -262,3 +281,96 @@ def test_usage_counts_the_other_endpoints_in_their_own_names(server, http, claud
     assert wait_until(row, timeout=10, message="usage written") == {
         "token": "client", "llm": "usage-counted", "requests": 2, "errors": 0,
         "prompt_tokens": 9, "completion_tokens": 3, "estimated": False}
+
+
+
+def test_a_stream_posted_task_by_task_keeps_its_event_names(server, http):
+    events = [{"event": "response.created", "data": '{"type": "response.created"}'},
+              {"event": "response.completed", "data": '{"type": "response.completed"}'}]
+
+    def handler(publisher, task):
+        publisher.chunks(task["task_id"], events, seq=0, done=True)
+
+    publisher = ProtocolPublisher(server, [{"name": "task-chunks", "model": "m",
+                                            "endpoints": ["responses"]}], handler).start()
+    try:
+        with post(server, http, "responses", {"model": "task-chunks", "input": "x",
+                                              "stream": True}, stream=True) as response:
+            assert response.status_code == 200
+            lines = sse_lines(response)
+    finally:
+        publisher.stop()
+    assert lines == ["event: response.created", 'data: {"type": "response.created"}',
+                     "event: response.completed", 'data: {"type": "response.completed"}']
+
+
+# -- virtual LLMs through the real publisher_client ---------------------------------
+
+@pytest.fixture(scope="module")
+def published(server, fake, tmp_path_factory):
+    """The real publisher_client publishing an echo backend (every endpoint by
+    default) and the FakeOpenAI as an `openai` backend that also serves
+    responses and messages."""
+    publisher = PublisherProcess(server, tmp_path_factory.mktemp("publisher"), [
+        {"name": "virtual-echo", "type": "echo"},
+        {"name": "virtual-fake", "type": "openai", "url": fake.url, "model": "local-model",
+         "endpoints": EVERY}], heartbeat_seconds=5).start()
+    yield publisher
+    publisher.stop()
+
+
+def test_the_publisher_declares_what_its_backends_serve(server, http, published):
+    def endpoints(name):
+        return http.get(f"{server.url}/api/v1/llms/{name}", headers=server.headers("client"),
+                        timeout=10).json()["endpoints"]
+    assert endpoints("virtual-echo") == EVERY
+    assert endpoints("virtual-fake") == EVERY
+
+
+def test_the_echo_backend_answers_every_endpoint_through_the_relay(sdk, claude, published):
+    assert sdk.completions.create(model="virtual-echo", prompt="a b").choices[0].text == "a b"
+    vectors = sdk.embeddings.create(model="virtual-echo", input=["a", "b"]).data
+    assert [v.embedding for v in vectors] == [echo_embedding_of("a"), echo_embedding_of("b")]
+    assert sdk.responses.create(model="virtual-echo", input="hi there").output_text == "hi there"
+    message = claude.messages.create(model="virtual-echo", max_tokens=9,
+                                     messages=[{"role": "user", "content": "hello claude"}])
+    assert message.content[0].text == "hello claude"
+    text = "".join(chunk.choices[0].text for chunk in sdk.completions.create(
+        model="virtual-echo", prompt="one two three", stream=True))
+    assert text == "one two three"
+
+
+def test_a_virtual_stream_keeps_its_event_lines_and_adds_no_done(server, http, sdk, claude,
+                                                               published):
+    with post(server, http, "messages", {"model": "virtual-echo", "max_tokens": 9, "stream": True,
+                                         "messages": [{"role": "user", "content": "a b"}]},
+              stream=True) as response:
+        assert response.status_code == 200
+        lines = sse_lines(response)
+    names = [line[len("event: "):] for line in lines if line.startswith("event: ")]
+    assert names == ["message_start", "content_block_start", "content_block_delta",
+                     "content_block_delta", "content_block_stop", "message_delta",
+                     "message_stop"]
+    assert not any("[DONE]" in line for line in lines)
+    with claude.messages.stream(model="virtual-echo", max_tokens=9,
+                                messages=[{"role": "user", "content": "x y z"}]) as stream:
+        assert "".join(stream.text_stream) == "x y z"
+    with sdk.responses.create(model="virtual-echo", input="p q", stream=True) as events:
+        kinds = [event.type for event in events]
+    assert kinds == ["response.created", "response.output_text.delta",
+                     "response.output_text.delta", "response.completed"]
+
+
+def test_a_backends_events_reach_the_client_in_order_through_the_publisher(
+        server, http, fake, claude, sdk, published):
+    with claude.messages.stream(model="virtual-fake", max_tokens=9,
+                                messages=[{"role": "user", "content": "from the fake"}]) as stream:
+        assert "".join(stream.text_stream) == "from the fake"
+    sent = fake.requests_to("messages")[-1]
+    assert sent["json"]["model"] == "local-model" and sent["json"]["stream"] is True
+    with sdk.responses.create(model="virtual-fake", input="r s t", stream=True) as events:
+        deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert deltas == ["r", " s", " t"]
+    vectors = sdk.embeddings.create(model="virtual-fake", input=["v"]).data
+    assert vectors[0].embedding == embedding_of("v")
+    assert "stream" not in fake.requests_to("embeddings")[-1]["json"]

@@ -13,6 +13,7 @@ import requests
 
 from tests.support import stack
 from tests.support.protocol_publisher import ProtocolPublisher
+from tests.support.scrape import gauge
 from tests.support.waiting import wait_until
 
 SETTINGS = {"SWITCHBOARD_TASK_PICKUP_TIMEOUT": "1.5", "SWITCHBOARD_STREAM_KEEPALIVE": "0.3",
@@ -273,10 +274,10 @@ def test_gc_sweep_while_requests_are_in_flight(server, publishers):
         release.wait(10)
         publisher.result(task["task_id"], status=200, body={"done": True})
 
-    publishers("inflight", held)
+    publisher = publishers("inflight", held)
     with ThreadPoolExecutor(4) as pool:
         pending = [pool.submit(infer, server, "inflight") for _ in range(4)]
-        time.sleep(0.3)
+        wait_until(lambda: len(publisher.tasks_seen) == 4, message="four tasks in flight")
         sweeps = [server.flask("gc-sweep", "--json") for _ in range(2)]
         release.set()
         responses = [f.result(15) for f in pending]
@@ -292,11 +293,15 @@ def test_task_is_not_lost_to_a_poll_whose_publisher_hung_up(server):
     dead.sendall(f"GET /api/v1/publishers/{publisher.session_id}/tasks?wait=20 HTTP/1.1\r\n"
                  f"Host: x\r\nAuthorization: {server.headers('publisher')['Authorization']}"
                  f"\r\n\r\n".encode())
-    time.sleep(0.3)
+    # (a poll some earlier test left hanging is let go within 2 s)
+    wait_until(lambda: gauge(server, "switchboard_held_polls") == 1, timeout=10,
+               message="the poll held")
     dead.close()
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(infer, server, "flaky-net")
-        time.sleep(0.3)  # the task is queued while the dead poll is still held
+        # The task is queued while the dead poll is still held.
+        wait_until(lambda: gauge(server, "switchboard_tasks_waiting", llm="flaky-net") == 1,
+                   message="the task queued")
         tasks = publisher.poll(wait=5)  # the restarted publisher polls again
         assert [t["kind"] for t in tasks] == ["infer"]
         publisher.result(tasks[0]["task_id"], status=200, body={"survived": True})

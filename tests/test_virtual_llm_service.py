@@ -6,7 +6,6 @@ The seed's `bindSession` is a live poll here (`bus.touch`), its
 publisher's POST /tasks/<id>/result.
 """
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ from extensions import db
 from models import Llm, PublisherSession, utcnow
 from services import gc, inference, lifecycle
 from services.errors import BadGateway, Conflict, Unavailable
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -305,7 +305,7 @@ def test_concurrent_infers_share_one_wake(publisher, bus, relay, pool, client, a
     make_llm(name="sleeping", provider_session_id="sess", status="hibernating")
     bind_session(publisher, bus, "sess")
     futures = [start_infer(pool, relay, "sleeping") for _ in range(3)]
-    time.sleep(0.2)  # let all three reach the wake
+    wait_until(lambda: bus.stats()["pending"] == 3, message="all three waiting on the wake")
     wakes = poll(bus, "sess")
     assert [t["kind"] for t in wakes] == ["wake"]
     answer(client, auth, wakes[0]["task_id"], {"status": 200, "body": {"ok": True}})
@@ -323,7 +323,7 @@ def test_failed_wake_rejects_every_waiter_and_leaves_the_row_hibernating(
     make_llm(name="broken", provider_session_id="sess", status="hibernating")
     bind_session(publisher, bus, "sess")
     futures = [start_infer(pool, relay, "broken") for _ in range(2)]
-    time.sleep(0.2)
+    wait_until(lambda: bus.stats()["pending"] == 2, message="both waiting on the wake")
     [wake] = poll(bus, "sess")
     answer(client, auth, wake["task_id"], {"error": "wake recipe failed"})
     for future in futures:

@@ -64,6 +64,19 @@ def test_the_design_example_loads(tmp_path):
                               "default_params": {"temperature": 0.2}},)
 
 
+def test_an_llm_serves_what_its_backend_type_serves_unless_it_lists_endpoints(tmp_path):
+    config = load_config(write(tmp_path, (
+        "server: http://h\ntoken: t\nllms:\n"
+        "  - {name: a, type: openai, model: m, url: http://b/v1}\n"
+        "  - {name: b, type: echo}\n"
+        "  - {name: c, type: openai, model: m, url: http://b/v1, endpoints: [messages]}\n")),
+        environ={})
+    assert [llm.endpoints for llm in config.llms] == [
+        ("chat/completions", "completions", "embeddings"),
+        ("chat/completions", "completions", "embeddings", "responses", "messages"),
+        ("messages",)]
+
+
 def test_a_json_config_is_valid_yaml(tmp_path):
     path = write(tmp_path, json.dumps({"server": "http://h:8000/", "token": "t",
                                        "llms": [{"name": "e", "type": "echo"}]}), "p.json")
@@ -122,6 +135,15 @@ def test_a_wake_recipe_url_headers_and_body_are_kept_out_of_the_repr(tmp_path):
      "llms: duplicate names: a"),
     ("server: http://h\ntoken: t\nllms: [{name: a, type: echo}]\nagents: [{name: x}]\n",
      "agents[0].llm: required"),
+    ("server: http://h\ntoken: t\nllms: [{name: a, type: echo, endpoints: [chat, embeddings]}]\n",
+     "llms[0].endpoints: must list some of: chat/completions, completions, embeddings, "
+     "responses, messages (not 'chat')"),
+    ("server: http://h\ntoken: t\nllms: [{name: a, type: echo, endpoints: []}]\n",
+     "llms[0].endpoints: must list some of"),
+    ("server: http://h\ntoken: t\nllms: [{name: a, type: echo, endpoints: [embeddings, "
+     "embeddings]}]\n", "llms[0].endpoints: duplicate names: embeddings"),
+    ("server: http://h\ntoken: t\nllms: [{name: a, type: echo, endpoints: embeddings}]\n",
+     "llms[0].endpoints: must be a list"),
     ("server: [unclosed\n", "not valid YAML (line"),
     ("- just\n- a list\n", "config: must be a mapping"),
 ])

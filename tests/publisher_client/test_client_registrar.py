@@ -29,7 +29,8 @@ def test_register_sends_the_llms_and_the_bearer_token(make_config, mocked):
     assert sent_json(call) == {
         "session_id": None,
         "llms": [{"name": "vllm-local", "type": "openai", "model": "qwen", "tier": "fast",
-                  "max_concurrency": 4, "initial_status": "active"}],
+                  "max_concurrency": 4, "initial_status": "active",
+                  "endpoints": ["chat/completions", "completions", "embeddings"]}],
     }
 
 
@@ -48,7 +49,8 @@ def test_register_keeps_backend_settings_local(make_config, mocked):
     sent = sent_json(calls_to(mocked, "POST", "/register")[0])["llms"][0]
     assert sent == {"name": "vllm-local", "type": "openai", "model": "m",
                     "description": "the GPU box", "extra_config": {"ctx": 8192},
-                    "max_concurrency": 2, "initial_status": "active"}
+                    "max_concurrency": 2, "initial_status": "active",
+                    "endpoints": ["chat/completions", "completions", "embeddings"]}
     assert "sk-secret" not in calls_to(mocked, "POST", "/register")[0].request.body.decode()
 
 

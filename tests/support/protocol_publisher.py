@@ -62,7 +62,9 @@ class ProtocolPublisher:
         return self.api("POST", f"/tasks/{task_id}/result", json=outcome)
 
     def chunks(self, task_id, chunks, *, seq=None, done=False):
-        body = {"chunks": [{"data": c} for c in chunks], "done": done}
+        """`chunks`: data strings, or {"data", "event"} entries."""
+        body = {"chunks": [c if isinstance(c, dict) else {"data": c} for c in chunks],
+                "done": done}
         if seq is not None:
             body["seq"] = seq
         return self.api("POST", f"/tasks/{task_id}/chunks", json=body)
