@@ -5,10 +5,10 @@ whatever the number of streams (DESIGN.md, "Streams at a real model's pace").
 Each backend reader puts its chunks into its own `Stream`; the sender posts
 what all the streams have gathered once the oldest waiting chunk is a window
 old. The window grows with the number of running streams (MIN_WINDOW for a
-lone one, up to MAX_WINDOW under many), and a stream's first chunk and its
-end go within a quarter of it: a client's first token and its `[DONE]` come
-quickly, the tokens between ride in shared posts. Chunks that arrive while a
-post is in flight wait for the next one.
+lone one, up to MAX_WINDOW under many); a stream's first chunk goes within
+MIN_WINDOW and its end within a quarter of the window: a client's first
+token and its `[DONE]` come quickly, the tokens between ride in shared
+posts. Chunks that arrive while a post is in flight wait for the next one.
 
 Each entry carries `seq` (the stream's chunks the server has accepted), so a
 retried POST never duplicates text. The server answers per entry: a 410 (the
@@ -33,7 +33,7 @@ MAX_QUEUED = 256              # a stream's unsent chunks; then its reader waits
 MIN_WINDOW = 0.002            # a lone stream's chunks go this soon
 PER_STREAM_WINDOW = 0.0003    # each more running stream widens the window this much
 MAX_WINDOW = 0.05
-URGENT_SHARE = 0.25           # a first chunk or an end waits this share of the window
+URGENT_SHARE = 0.25           # an end waits this share of the window
 MAX_ATTEMPTS = 8              # per POST, with backoff: about a minute of server trouble
 SLOW_CLIENT_PAUSE = 0.25      # a stream whose client reads slowly (429) waits this long
 IDLE_TICK = 1.0               # the sender looks at least this often, even idle
@@ -101,9 +101,6 @@ class Stream:
             self.since = self.sender.clock()
         self.pending.append(data)
         self.sender._cond.notify_all()
-
-    def _urgent(self) -> bool:
-        return self.sent == 0 or self.end_done is not None
 
     def _ready(self, now) -> bool:
         return (bool(self.pending) or self.end_done is not None) and now >= self.retry_at
@@ -196,12 +193,17 @@ class SessionSender:
                              if s.retry_at > now and (s.pending or s.end_done is not None)]
                     self._cond.wait(min([IDLE_TICK, *(at - now for at in retry)]))
                     continue
-                window = self.window()
-                due = min((s.since or now) + (window * URGENT_SHARE if s._urgent() else window)
-                          for s in ready)
+                due = min((s.since or now) + self._wait(s) for s in ready)
                 if now >= due or self._full(ready):
                     return self._take(ready)
                 self._cond.wait(due - now)
+
+    def _wait(self, stream) -> float:
+        """How long a stream's oldest waiting chunk may wait for company."""
+        if stream.sent == 0:
+            return self.min_window
+        window = self.window()
+        return window * URGENT_SHARE if stream.end_done is not None else window
 
     def _full(self, ready) -> bool:
         return (len(ready) >= self.max_entries
