@@ -89,6 +89,6 @@ def post_chunks(task_id):
 def post_session_chunks(session_id):
     data = json_body(schemas.session_chunks)
     owner = lifecycle.task_owner(caller())
-    lifecycle.owned_session(db.session, caller(), session_id)
+    lifecycle.check_session_owner(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the bus call
     return {"results": streams.push_session_chunks(bus(), session_id, owner, data["tasks"])}
