@@ -45,7 +45,7 @@ def heartbeat(session_id):
 def poll(session_id):
     query = schemas.poll_query.load(request.args)
     wait = min(query.get("wait", math.inf), float(current_app.config["POLL_WAIT_MAX"]))
-    lifecycle.owned_session(db.session, caller(), session_id)
+    lifecycle.check_session_owner(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the long-poll
     return {"tasks": bus().poll(session_id, wait, peer_connected(request.environ),
                                 ack=query.get("ack"))}
