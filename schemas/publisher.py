@@ -74,44 +74,75 @@ MAX_CHUNK_ENTRIES = 256
 SSE_EVENT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
 
-class ChunkList(fields.Field):
-    """`[{data: string, event?: string}, ...]`, checked in one pass: the hot
-    path of a stream carries thousands a second, and a nested schema per
-    chunk costs ten times as much. Errors name the chunk's index and field,
-    as a nested schema's would."""
+def _chunk_errors(value) -> dict | list | None:
+    """What is wrong with `[{data: string, event?: string}, ...]`, as a
+    nested schema would say it (by index and field), or None."""
+    if not isinstance(value, list):
+        return ["Not a valid list."]
+    errors = {}
+    for i, chunk in enumerate(value):
+        if not isinstance(chunk, dict):
+            errors[i] = {"_schema": ["Invalid input type."]}
+        elif not isinstance(chunk.get("data"), str):
+            errors[i] = {"data": ["Missing data for required field." if "data" not in chunk
+                                  else "Not a valid string."]}
+        elif len(chunk) > 1 and (unknown := set(chunk) - {"data", "event"}):
+            errors[i] = {key: ["Unknown field."] for key in sorted(unknown)}
+        elif "event" in chunk and not (isinstance(chunk["event"], str)
+                                       and SSE_EVENT.match(chunk["event"])):
+            errors[i] = {"event": ["must be 1-64 letters, digits, '_', '.', ':' or '-'"]}
+    return errors or None
+
+
+def _entry_errors(entry) -> dict | None:
+    """What is wrong with one `{task_id, chunks, seq?, done?}`, or None."""
+    if not isinstance(entry, dict):
+        return {"_schema": ["Invalid input type."]}
+    errors = {}
+    task_id = entry.get("task_id")
+    if task_id is None:
+        errors["task_id"] = ["Missing data for required field."]
+    elif not isinstance(task_id, str) or not 1 <= len(task_id) <= 128:
+        errors["task_id"] = ["Must be a string of 1 to 128 characters."]
+    if "chunks" not in entry:
+        errors["chunks"] = ["Missing data for required field."]
+    elif (chunk_errors := _chunk_errors(entry["chunks"])) is not None:
+        errors["chunks"] = chunk_errors
+    seq = entry.get("seq")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 0):
+        errors["seq"] = ["Must be an integer greater than or equal to 0."]
+    if "done" in entry and not isinstance(entry["done"], bool):
+        errors["done"] = ["Not a valid boolean."]
+    for key in set(entry) - {"task_id", "chunks", "seq", "done"}:
+        errors[key] = ["Unknown field."]
+    return errors or None
+
+
+class ChunkEntries(fields.Field):
+    """The entries of a session's chunk POST, `[{task_id, chunks: [{data,
+    event?}], seq?, done?}, ...]`, checked in one pass: the hot path of many
+    streams carries thousands of chunks a second, and a nested schema per
+    entry and per chunk costs several times as much. Errors name the index
+    and the field, as nested schemas would; `seq` defaults to None, `done`
+    to false."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if not isinstance(value, list):
             raise ValidationError("Not a valid list.")
-        errors = {}
-        for i, chunk in enumerate(value):
-            if not isinstance(chunk, dict):
-                errors[i] = {"_schema": ["Invalid input type."]}
-            elif not isinstance(chunk.get("data"), str):
-                errors[i] = {"data": ["Missing data for required field." if "data" not in chunk
-                                      else "Not a valid string."]}
-            elif len(chunk) > 1 and (unknown := set(chunk) - {"data", "event"}):
-                errors[i] = {key: ["Unknown field."] for key in sorted(unknown)}
-            elif "event" in chunk and not (isinstance(chunk["event"], str)
-                                           and SSE_EVENT.match(chunk["event"])):
-                errors[i] = {"event": ["must be 1-64 letters, digits, '_', '.', ':' or '-'"]}
+        if len(value) > MAX_CHUNK_ENTRIES:
+            raise ValidationError(f"Longer than maximum length {MAX_CHUNK_ENTRIES}.")
+        errors = {i: error for i, entry in enumerate(value)
+                  if (error := _entry_errors(entry)) is not None}
         if errors:
             raise ValidationError(errors)
-        return value
-
-
-class SessionChunksEntrySchema(RelayedSchema):
-    task_id = fields.String(required=True, validate=validate.Length(min=1, max=128))
-    chunks = ChunkList(required=True)
-    done = StrictBoolean(load_default=False)
-    seq = StrictInteger(validate=validate.Range(min=0), load_default=None)
+        return [{"task_id": entry["task_id"], "chunks": entry["chunks"],
+                 "seq": entry.get("seq"), "done": entry.get("done", False)} for entry in value]
 
 
 class SessionChunksSchema(RelayedSchema):
     """`POST /publishers/<sid>/chunks`: the chunks of many streams of one session."""
 
-    tasks = fields.List(fields.Nested(SessionChunksEntrySchema), required=True,
-                        validate=validate.Length(max=MAX_CHUNK_ENTRIES))
+    tasks = ChunkEntries(required=True)
 
 
 class CommaSeparated(fields.List):
