@@ -5,10 +5,10 @@ whatever the number of streams (DESIGN.md, "Streams at a real model's pace").
 Each backend reader puts its chunks into its own `Stream`; the sender posts
 what all the streams have gathered once the oldest waiting chunk is a window
 old. The window grows with the number of running streams (MIN_WINDOW for a
-lone one, up to MAX_WINDOW under many); a stream's first chunk goes within
-MIN_WINDOW and its end within a quarter of the window: a client's first
-token and its `[DONE]` come quickly, the tokens between ride in shared
-posts. Chunks that arrive while a post is in flight wait for the next one.
+lone one, up to MAX_WINDOW under many), and a stream's first chunk and its
+end go within a quarter of it (MIN_WINDOW at least): a client's first token
+and its `[DONE]` come quickly, the tokens between ride in shared posts.
+Chunks that arrive while a post is in flight wait for the next one.
 
 Each entry carries `seq` (the stream's chunks the server has accepted), so a
 retried POST never duplicates text. The server answers per entry: a 410 (the
@@ -33,7 +33,7 @@ MAX_QUEUED = 256              # a stream's unsent chunks; then its reader waits
 MIN_WINDOW = 0.002            # a lone stream's chunks go this soon
 PER_STREAM_WINDOW = 0.0012    # each more running stream widens the window this much
 MAX_WINDOW = 0.05
-URGENT_SHARE = 0.25           # an end waits this share of the window
+URGENT_SHARE = 0.25           # a first chunk or an end waits this share of the window
 MAX_ATTEMPTS = 8              # per POST, with backoff: about a minute of server trouble
 SLOW_CLIENT_PAUSE = 0.25      # a stream whose client reads slowly (429) waits this long
 IDLE_TICK = 1.0               # the sender looks at least this often, even idle
@@ -200,10 +200,10 @@ class SessionSender:
 
     def _wait(self, stream) -> float:
         """How long a stream's oldest waiting chunk may wait for company."""
-        if stream.sent == 0:
-            return self.min_window
         window = self.window()
-        return window * URGENT_SHARE if stream.end_done is not None else window
+        if stream.sent == 0 or stream.end_done is not None:
+            return max(self.min_window, window * URGENT_SHARE)
+        return window
 
     def _full(self, ready) -> bool:
         return (len(ready) >= self.max_entries

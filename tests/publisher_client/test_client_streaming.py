@@ -100,7 +100,7 @@ def test_the_window_grows_with_the_running_streams():
     assert sender.window() == streaming.MIN_WINDOW   # nobody: a lone stream's is the least
     streams = [sender.open("sess-1", f"t{n}") for n in range(128)]
     assert 0.02 <= sender.window() <= streaming.MAX_WINDOW
-    assert sender.window() * streaming.URGENT_SHARE <= 0.015   # ends
+    assert sender.window() * streaming.URGENT_SHARE <= 0.015   # first chunks and ends
     for stream in streams[1:]:
         stream.cancel()
     assert sender.window() == streaming.MIN_WINDOW <= 0.005
