@@ -33,3 +33,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench.held_polls
 	$(BIN)/python -m bench.gc_sweep
 	$(BIN)/python -m bench.pool
+	$(BIN)/python -m bench.paced
