@@ -34,3 +34,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench.gc_sweep
 	$(BIN)/python -m bench.pool
 	$(BIN)/python -m bench.paced
+	$(BIN)/python -m bench.embeddings
