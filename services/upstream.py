@@ -7,6 +7,7 @@ per-call merging of settings, cookies and environment is most of requests'
 cost, and a shared cookie jar would carry one client's upstream cookies to
 another's calls.
 """
+import contextvars
 import logging
 import select
 import threading
@@ -193,8 +194,9 @@ class _Opening:
         self._lock = threading.Lock()
         self._result = self._error = None
         self._abandoned = False
-        threading.Thread(target=self._run, args=(open_,), daemon=True,
-                         name="upstream-open").start()
+        # In the caller's context: its log lines carry the request's id.
+        threading.Thread(target=contextvars.copy_context().run, args=(self._run, open_),
+                         daemon=True, name="upstream-open").start()
 
     def _run(self, open_):
         try:

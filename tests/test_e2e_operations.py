@@ -232,6 +232,19 @@ def test_the_bus_gauges_and_the_time_to_first_chunk_are_exposed(server, publishe
     assert value(samples, "switchboard_tasks_in_flight", llm="ops-gauges") == 0
 
 
+def test_a_wake_is_counted_once_with_its_outcome(server):
+    publisher = ProtocolPublisher(server, [{"name": "ops-sleepy", "type": "openai",
+                                            "model": "sleepy-model",
+                                            "initial_status": "hibernating"}]).start()
+    try:
+        assert infer(server, "ops-sleepy").status_code == 200
+        samples = scrape(server)
+        assert value(samples, "switchboard_wakes_total", llm="ops-sleepy", outcome="ok") == 1
+        assert value(samples, "switchboard_wakes_total", llm="ops-sleepy", outcome="failed") == 0
+    finally:
+        publisher.stop(disconnect=True)
+
+
 def test_rejections_are_counted_by_reason(server, publishers):
     publisher = publishers("ops-offline")
     publisher.stop(disconnect=True)  # the row goes inactive: 503 publisher_offline
@@ -309,6 +322,20 @@ def test_a_stream_without_usage_is_counted_from_its_chunks_and_marked_estimated(
     exact = found[("client", "ops-stream-exact")]
     assert (exact["prompt_tokens"], exact["completion_tokens"], exact["estimated"]) == (
         5, 3, False)
+
+
+def test_a_chat_with_an_agent_is_counted_on_its_llm(server, fake):
+    llm = public_llm(server, fake, "ops-chat-llm")
+    created = requests.post(f"{server.url}/api/v1/agents", headers=server.headers("admin"),
+                            json={"name": "ops-chat-agent", "llm": llm}, timeout=10)
+    assert created.status_code == 201, created.text
+    fake.script(body={**completion("hi"), "usage": {"prompt_tokens": 21, "completion_tokens": 2}})
+    response = requests.post(f"{server.url}/api/v1/agents/ops-chat-agent/chat",
+                             headers=server.headers("client"), json={"message": "hello"},
+                             timeout=30)
+    assert response.status_code == 200, response.text
+    found = wait_until(lambda: usage_rows(server).get(("client", llm)))
+    assert (found["requests"], found["prompt_tokens"], found["completion_tokens"]) == (1, 21, 2)
 
 
 # -- servers of their own --------------------------------------------------------
