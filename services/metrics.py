@@ -10,7 +10,6 @@ from `bus.gauges()` at each scrape, which already counts every worker.
 Label values stay bounded: route rules (not paths), LLM names (rows that
 exist), error codes of our own; never token names or task ids.
 """
-import logging
 import os
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
@@ -18,8 +17,6 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.errors import ServiceError
-
-log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import stack
-from tests.support.fake_openai import ScriptedReply, completion, completion_chunk
+from tests.support.fake_openai import completion, completion_chunk
 from tests.support.protocol_publisher import ProtocolPublisher
 from tests.support.waiting import wait_until
 
