@@ -90,8 +90,12 @@ class Instrumentation:
             duration = time.perf_counter() - record.started
             metrics.child(metrics.requests_total, metrics.route_label(record.route),
                           metrics.method_label(record.method), str(record.status)).inc()
-            if record.rejection is not None:
-                metrics.child(metrics.rejections_total, record.rejection).inc()
+            rejection = record.rejection
+            if rejection is None and record.stream_tally is not None and (
+                    record.stream_tally.error_code in metrics.REJECTION_CODES):
+                rejection = record.stream_tally.error_code
+            if rejection is not None:
+                metrics.child(metrics.rejections_total, rejection).inc()
             if record.llm is not None:
                 self._inference(record, duration)
             if self.access_log:

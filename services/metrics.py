@@ -55,6 +55,14 @@ usage_dropped_total = Counter(
     registry=REGISTRY)
 
 
+# The codes of our 429s and 503s: a stream whose headers had gone out gets
+# them as its last event instead, and is counted a rejection all the same.
+REJECTION_CODES = frozenset({
+    "too_many_pending", "too_many_queued", "too_many_polls", "queue_timeout",
+    "bus_unavailable", "publisher_offline", "publisher_disconnected", "pool_unavailable",
+    "database_busy", "database_unavailable", "database_not_migrated"})
+
+
 def child(metric, *labels):
     """`metric.labels(*labels)`, looked up once per label values (a request
     makes several: the lookup is most of an increment's cost)."""

@@ -74,12 +74,13 @@ class StreamTally:
     """Reads a chat-completions SSE byte stream as it goes by: the last
     `usage` it carries, else its chunks with content; an `error` event."""
 
-    __slots__ = ("usage", "chunks", "error", "_rest")
+    __slots__ = ("usage", "chunks", "error", "error_code", "_rest")
 
     def __init__(self):
         self.usage = None
         self.chunks = 0
         self.error = False
+        self.error_code = None  # of the first error event
         self._rest = b""
 
     def feed(self, data: bytes) -> None:
@@ -102,6 +103,8 @@ class StreamTally:
         if not isinstance(chunk, dict):
             return
         if "error" in chunk:
+            if not self.error and isinstance(chunk["error"], dict):
+                self.error_code = chunk["error"].get("code")
             self.error = True
         tokens = _tokens(chunk.get("usage"))
         if tokens is not None:

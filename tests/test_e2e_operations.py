@@ -15,7 +15,8 @@ from tests.support.fake_openai import completion, completion_chunk
 from tests.support.protocol_publisher import ProtocolPublisher
 from tests.support.waiting import wait_until
 
-SETTINGS = {"SWITCHBOARD_USAGE_FLUSH_INTERVAL": "0.1", "SWITCHBOARD_SESSION_LIVENESS": "5"}
+SETTINGS = {"SWITCHBOARD_USAGE_FLUSH_INTERVAL": "0.1", "SWITCHBOARD_SESSION_LIVENESS": "5",
+            "SWITCHBOARD_QUEUE_TIMEOUT": "1"}
 ASK = {"messages": [{"role": "user", "content": "hello there"}]}
 INFER_ROUTE = "/api/v1/llms/<name>/infer"
 
@@ -253,6 +254,35 @@ def test_rejections_are_counted_by_reason(server, publishers):
     assert infer(server, "ops-offline").status_code == 503
     after = value(scrape(server), "switchboard_rejections_total", reason="publisher_offline")
     assert after - before == 2
+
+
+def test_a_queue_timeout_told_as_a_streams_last_event_is_a_rejection_too(server):
+    release = threading.Event()
+
+    def holds(publisher, task):
+        release.wait(10)
+        publisher.result(task["task_id"], status=200, body={"choices": []})
+
+    publisher = ProtocolPublisher(server, [{"name": "ops-full", "type": "openai",
+                                            "model": "full-model", "max_concurrency": 1}],
+                                  holds).start()
+    try:
+        before = value(scrape(server), "switchboard_rejections_total", reason="queue_timeout")
+        with ThreadPoolExecutor(1) as pool:
+            holding = pool.submit(infer, server, "ops-full")
+            wait_until(lambda: value(scrape(server), "switchboard_tasks_in_flight",
+                                     llm="ops-full") == 1)
+            response = infer(server, "ops-full", {**ASK, "stream": True})
+            assert response.status_code == 200  # committed while it waited in line
+            assert json.loads(response.text.strip().rsplit("data: ", 1)[1])["error"][
+                "code"] == "queue_timeout"
+            release.set()
+            assert holding.result().status_code == 200
+        wait_until(lambda: value(scrape(server), "switchboard_rejections_total",
+                                 reason="queue_timeout") - before == 1)
+    finally:
+        release.set()
+        publisher.stop(disconnect=True)
 
 
 # -- usage ---------------------------------------------------------------------

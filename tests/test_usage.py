@@ -82,6 +82,7 @@ def test_a_stream_that_ends_with_an_error_event_is_an_error():
     tally = usage.StreamTally()
     tally.feed(sse(b'{"error": {"message": "broke", "code": "upstream_stream_broken"}}'))
     assert tally.result(200, None).error
+    assert tally.error_code == "upstream_stream_broken"
 
 
 # -- the buffer and the writer ------------------------------------------------------
