@@ -69,14 +69,11 @@ class Upstream:
         Raises ApiKeyUnreadable (the stored key does not decrypt).
         """
         data = dumps(body)
-        request_id = request_ids.current()  # a thread of its own would not see it
         if body.get("stream") is not True:
-            return self._open(target, data, streaming=False, request_id=request_id)
+            return self._open(target, data, streaming=False)
         if self.keepalive is None:
-            return self._stream_reply(target, self._open(target, data, streaming=True,
-                                                         request_id=request_id))
-        opening = _Opening(lambda: self._open(target, data, streaming=True,
-                                              request_id=request_id))
+            return self._stream_reply(target, self._open(target, data, streaming=True))
+        opening = _Opening(lambda: self._open(target, data, streaming=True))
         if opening.done.wait(self.keepalive):
             return self._stream_reply(target, opening.outcome())
         # The first byte is late (a model loading, a long prompt): commit to a
@@ -84,11 +81,11 @@ class Upstream:
         return Reply(200, stream=_Abandoning(self._kept_alive(opening, target), opening),
                      content_type="text/event-stream")
 
-    def _open(self, target, data, streaming, request_id=None):
+    def _open(self, target, data, streaming):
         """The upstream's answer: a Reply as it is, or for a streamed 200 the
         open (response, first bytes, the rest). Raises BadGateway,
         ApiKeyUnreadable."""
-        request = self._request(target, data, request_id)
+        request = self._request(target, data)
         response = None
         try:
             response = self.adapter.send(
@@ -149,8 +146,7 @@ class Upstream:
         finally:
             response.close()
 
-    def _request(self, target: Target, data: bytes,
-                 request_id: str | None = None) -> requests.PreparedRequest:
+    def _request(self, target: Target, data: bytes) -> requests.PreparedRequest:
         """The POST to the target's `/chat/completions` (with the request's
         `X-Request-Id`). Its URL is parsed and checked once, into a template
         copied per call."""
@@ -169,6 +165,7 @@ class Upstream:
         api_key = self.cipher.decrypt(target.api_key, target.name)
         if api_key:
             request.headers["Authorization"] = f"Bearer {api_key}"
+        request_id = request_ids.current()
         if request_id:
             request.headers[request_ids.HEADER] = request_id
         return request
@@ -194,7 +191,7 @@ class _Opening:
         self._lock = threading.Lock()
         self._result = self._error = None
         self._abandoned = False
-        # In the caller's context: its log lines carry the request's id.
+        # In the caller's context: its request id goes upstream and into its log lines.
         threading.Thread(target=contextvars.copy_context().run, args=(self._run, open_),
                          daemon=True, name="upstream-open").start()
 

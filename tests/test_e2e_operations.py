@@ -16,7 +16,7 @@ from tests.support.protocol_publisher import ProtocolPublisher
 from tests.support.waiting import wait_until
 
 SETTINGS = {"SWITCHBOARD_USAGE_FLUSH_INTERVAL": "0.1", "SWITCHBOARD_SESSION_LIVENESS": "5",
-            "SWITCHBOARD_QUEUE_TIMEOUT": "1"}
+            "SWITCHBOARD_QUEUE_TIMEOUT": "1", "SWITCHBOARD_STREAM_KEEPALIVE": "0.3"}
 ASK = {"messages": [{"role": "user", "content": "hello there"}]}
 INFER_ROUTE = "/api/v1/llms/<name>/infer"
 
@@ -116,6 +116,15 @@ def test_a_stream_to_a_public_upstream_carries_the_request_id_too(server, fake):
                      headers={**server.headers("client"), "X-Request-Id": "stream-1"})
     assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
     assert fake.chat_requests[-1]["headers"]["X-Request-Id"] == "stream-1"
+
+
+def test_a_stream_whose_upstream_is_slow_to_start_carries_the_request_id_too(server, fake):
+    llm = public_llm(server, fake, "ops-rid-slow")
+    fake.script(chunks=["a", "b"], delay=1.0)  # kept alive with comments meanwhile
+    response = infer(server, llm, {**ASK, "stream": True},
+                     headers={**server.headers("client"), "X-Request-Id": "slow-1"})
+    assert response.status_code == 200 and response.text.startswith(": keepalive")
+    assert fake.chat_requests[-1]["headers"]["X-Request-Id"] == "slow-1"
 
 
 @pytest.mark.parametrize("sent", [None, "", "has space", "x" * 129, "semi;colon", "é"])
