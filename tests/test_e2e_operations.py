@@ -436,7 +436,7 @@ def test_json_log_format_writes_one_object_per_line(live_server_factory, fake_op
     assert any(r["name"] == "gunicorn.error" for r in lines())  # gunicorn's lines too
 
 
-def test_instrumentation_off_leaves_no_request_id_no_access_line_and_no_usage(
+def test_instrumentation_off_leaves_no_request_id_and_no_usage_but_the_access_line(
         live_server_factory, fake_openai):
     server = live_server_factory({**SETTINGS, "SWITCHBOARD_INSTRUMENT": "false"})
     llm = public_llm(server, fake_openai, "ops-off")
@@ -444,4 +444,17 @@ def test_instrumentation_off_leaves_no_request_id_no_access_line_and_no_usage(
     assert response.status_code == 200 and "X-Request-Id" not in response.headers
     assert "X-Request-Id" not in fake_openai.chat_requests[-1]["headers"]
     assert usage_rows(server) == {}
+    assert value(scrape(server), "switchboard_requests_total", route=INFER_ROUTE,
+                 method="POST", status="200") == 0
+    wait_until(lambda: "[-] switchboard.access: POST /api/v1/llms/ops-off/infer 200 "
+               in server.log_text(), message="the access line, without an id")
+
+
+def test_the_access_log_can_be_turned_off(live_server_factory, fake_openai):
+    server = live_server_factory({"SWITCHBOARD_ACCESS_LOG": "false"})
+    llm = public_llm(server, fake_openai, "ops-quiet")
+    response = infer(server, llm, headers={**server.headers("client"), "X-Request-Id": "q-1"})
+    assert response.status_code == 200 and response.headers["X-Request-Id"] == "q-1"
+    wait_until(lambda: value(scrape(server), "switchboard_inference_seconds_count", llm=llm,
+                             kind="public", stream="false") == 1)
     assert "switchboard.access" not in server.log_text()
