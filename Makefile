@@ -33,3 +33,5 @@ bench: $(BIN)/.installed
 	$(BIN)/python -m bench.held_polls
 	$(BIN)/python -m bench.gc_sweep
 	$(BIN)/python -m bench.pool
+	$(BIN)/python -m bench.paced
+	$(BIN)/python -m bench.embeddings

@@ -75,6 +75,7 @@ def when_ready(server):
 def on_starting(server):
     # Counters of a previous run must not add up with this one's.
     folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     for name in os.listdir(folder):
         if name.endswith(".db"):
             os.unlink(os.path.join(folder, name))

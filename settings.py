@@ -70,8 +70,8 @@ DEFAULTS = {
     # Comma-separated origins a browser may call /v1 and /api/v1 from; none by default.
     "CORS_ORIGINS": "",
     # Operations (DESIGN.md): metrics, usage counting and request ids
-    # (INSTRUMENT false turns all three, and the access log, off: a bench
-    # setting); one access line per request; text or json log lines (read by
+    # (INSTRUMENT false turns all three off: a bench setting); one access
+    # line per request (ACCESS_LOG); text or json log lines (read by
     # gunicorn.conf.py); usage kept in buckets of this many seconds, written
     # every USAGE_FLUSH_INTERVAL from a buffer of at most USAGE_MAX_PENDING
     # (bucket, token, LLM) rows per worker.

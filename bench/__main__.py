@@ -64,26 +64,53 @@ def run(args) -> list[Cell]:
         for mode in args.modes:
             body = request_body(MODES[mode])
             for concurrency in args.concurrency:
+                # With --rounds, the scenarios take turns (in alternating
+                # order), so that a busy spell of the machine falls on all.
+                measured = {}
+                for turn in range(args.rounds):
+                    order = scenarios if turn % 2 == 0 else scenarios[::-1]
+                    for scenario in order:
+                        cell = _measure(ctx, scenario, mode, body, concurrency, args,
+                                        warmup=args.warmup if turn == 0 else 0)
+                        measured[scenario.name] = _merge(measured.get(scenario.name), cell)
                 for scenario in scenarios:
-                    url, headers = scenario.endpoint(ctx)
-                    load = dict(concurrency=concurrency, stream=MODES[mode],
-                                max_requests=args.max_requests)
-                    if args.warmup:
-                        run_load(url, headers, body, duration=args.warmup, **load)
-                    pids = scenario.server_pids(ctx)
-                    cpu_before = cpu_seconds(pids)
-                    result = run_load(url, headers, body, duration=args.duration, **load)
-                    cpu_after = cpu_seconds(pids)
-                    cpu = None if None in (cpu_before, cpu_after) else cpu_after - cpu_before
-                    cells.append(Cell(mode, concurrency, scenario.name, result, cpu))
+                    cell = measured[scenario.name]
+                    cells.append(cell)
                     print(f"  {mode:6} c={concurrency:<3} {scenario.name:12} "
-                          f"{result.count:7d} ok {result.error_count:5d} errors",
+                          f"{cell.result.count:7d} ok {cell.result.error_count:5d} errors",
                           file=sys.stderr, flush=True)
     finally:
         for scenario in scenarios:
             scenario.close()
         ctx.close()
     return cells
+
+
+def _measure(ctx, scenario, mode, body, concurrency, args, warmup) -> Cell:
+    url, headers = scenario.endpoint(ctx)
+    load = dict(concurrency=concurrency, stream=MODES[mode], max_requests=args.max_requests)
+    if warmup:
+        run_load(url, headers, body, duration=warmup, **load)
+    pids = scenario.server_pids(ctx)
+    cpu_before = cpu_seconds(pids)
+    result = run_load(url, headers, body, duration=args.duration / args.rounds, **load)
+    cpu_after = cpu_seconds(pids)
+    cpu = None if None in (cpu_before, cpu_after) else cpu_after - cpu_before
+    return Cell(mode, concurrency, scenario.name, result, cpu)
+
+
+def _merge(into: Cell | None, cell: Cell) -> Cell:
+    """One cell of two rounds' measurements."""
+    if into is None:
+        return cell
+    a, b = into.result, cell.result
+    errors = dict(a.errors)
+    for key, n in b.errors.items():
+        errors[key] = errors.get(key, 0) + n
+    result = LoadResult(a.latencies + b.latencies, a.first_bytes + b.first_bytes, errors,
+                        a.elapsed + b.elapsed)
+    cpu = None if None in (into.cpu, cell.cpu) else into.cpu + cell.cpu
+    return Cell(into.mode, into.concurrency, into.scenario, result, cpu)
 
 
 def table(cells: list[Cell]) -> str:
@@ -164,6 +191,10 @@ def parse_args(argv=None):
     csv = lambda cast: lambda text: [cast(x) for x in text.split(",") if x]  # noqa: E731
     parser.add_argument("--duration", type=float, default=4.0,
                         help="seconds of measured load per cell (default 4)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="split each cell's duration into this many turns, the scenarios "
+                             "taking turns (default 1); on a busy machine, compare "
+                             "scenarios with several")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="seconds of unmeasured load before each cell (default 0.5)")
     parser.add_argument("--concurrency", type=csv(int), default=[1, 16],

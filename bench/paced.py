@@ -308,6 +308,8 @@ def main(argv=None):
     parser.add_argument("--profile", type=Path, default=None,
                         help="a folder: py-spy the relay's server worker and publisher at the "
                              "first --streams figure, and print their top frames")
+    parser.add_argument("--publisher-log", type=Path, default=None,
+                        help="keep the publisher's log there")
     parser.add_argument("--serve-backend", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_backend is not None:
@@ -368,6 +370,8 @@ def main(argv=None):
     finally:
         for process in reversed(started):
             process.stop()
+        if args.publisher_log and (workdir / "publisher.log").exists():
+            args.publisher_log.write_bytes((workdir / "publisher.log").read_bytes())
         time.sleep(0.05)
         tmp.cleanup()
     report(cells, streams)

@@ -3,8 +3,9 @@ and out, the access line, the request's metrics and its usage.
 
 `begin` runs before anything else of a request, `end` after everything
 else; what is measured to the last byte (a stream's duration, its tokens)
-is recorded when the server closes the response. With SWITCHBOARD_INSTRUMENT
-false none of it is registered (a bench setting: no X-Request-Id then).
+is recorded when the server closes the response. SWITCHBOARD_INSTRUMENT
+false turns the request ids, metrics and usage off (a bench setting: no
+X-Request-Id then), SWITCHBOARD_ACCESS_LOG false the access line.
 """
 import functools
 import logging
@@ -25,11 +26,12 @@ class RequestRecord:
 
     __slots__ = ("started", "request_id", "method", "path", "route", "status", "token_id",
                  "llm", "kind", "stream", "body", "tally", "stream_tally", "first_chunk",
-                 "rejection")
+                 "rejection", "instrumented")
 
-    def __init__(self, request_id, method, path):
+    def __init__(self, request_id, method, path, instrumented=True):
         self.started = time.perf_counter()
         self.request_id = request_id
+        self.instrumented = instrumented  # metrics and usage are counted
         self.method = method
         self.path = path
         self.route = self.status = self.token_id = self.llm = self.kind = None
@@ -39,7 +41,7 @@ class RequestRecord:
 
 class Instrumentation:
     def __init__(self, app=None):
-        self.enabled = False
+        self.enabled = self.access_log = False
         self.usage = None
         if app is not None:
             self.init_app(app)
@@ -47,13 +49,14 @@ class Instrumentation:
     def init_app(self, app):
         app.extensions["instrumentation"] = self
         self.enabled = settings.flag(app.config, "INSTRUMENT")
-        if not self.enabled:
-            return
         self.access_log = settings.flag(app.config, "ACCESS_LOG")
-        self.usage = usage.UsageRecorder(
-            usage.writer(app), bucket_seconds=int(app.config["USAGE_BUCKET_SECONDS"]),
-            flush_interval=float(app.config["USAGE_FLUSH_INTERVAL"]),
-            max_pending=int(app.config["USAGE_MAX_PENDING"]))
+        if self.enabled:
+            self.usage = usage.UsageRecorder(
+                usage.writer(app), bucket_seconds=int(app.config["USAGE_BUCKET_SECONDS"]),
+                flush_interval=float(app.config["USAGE_FLUSH_INTERVAL"]),
+                max_pending=int(app.config["USAGE_MAX_PENDING"]))
+        if not (self.enabled or self.access_log):
+            return
         # First of the before_request functions, last of the after_request ones.
         app.before_request_funcs.setdefault(None, []).insert(0, self.begin)
         app.after_request_funcs.setdefault(None, []).insert(0, self.end)
@@ -66,15 +69,18 @@ class Instrumentation:
     # -- the request's life ------------------------------------------------------
 
     def begin(self):
-        request_id = request_ids.accept(request.headers.get(request_ids.HEADER))
-        request_ids.bind(request_id)
-        g.record = RequestRecord(request_id, request.method, request.path)
+        request_id = None
+        if self.enabled:
+            request_id = request_ids.accept(request.headers.get(request_ids.HEADER))
+            request_ids.bind(request_id)
+        g.record = RequestRecord(request_id, request.method, request.path, self.enabled)
 
     def end(self, response):
         record = g.get("record")
         if record is None:
             return response
-        response.headers[request_ids.HEADER] = record.request_id
+        if record.request_id is not None:
+            response.headers[request_ids.HEADER] = record.request_id
         record.status = response.status_code
         rule = request.url_rule
         record.route = rule.rule if rule is not None else None
@@ -88,12 +94,8 @@ class Instrumentation:
         """The response is closed: record what the request did. Never raises."""
         try:
             duration = time.perf_counter() - record.started
-            metrics.child(metrics.requests_total, metrics.route_label(record.route),
-                          metrics.method_label(record.method), str(record.status)).inc()
-            if record.rejection is not None:
-                metrics.child(metrics.rejections_total, record.rejection).inc()
-            if record.llm is not None:
-                self._inference(record, duration)
+            if self.enabled:
+                self._metrics(record, duration)
             if self.access_log:
                 access_log.info("%s %s %s %.1f ms%s", record.method, record.path, record.status,
                                 1000 * duration, f" llm={record.llm}" if record.llm else "",
@@ -104,7 +106,20 @@ class Instrumentation:
         except Exception:
             log.exception("could not record a request's metrics")
         finally:
-            request_ids.bind(None)
+            if self.enabled:
+                request_ids.bind(None)
+
+    def _metrics(self, record, duration):
+        metrics.child(metrics.requests_total, metrics.route_label(record.route),
+                      metrics.method_label(record.method), str(record.status)).inc()
+        rejection = record.rejection
+        if rejection is None and record.stream_tally is not None and (
+                record.stream_tally.error_code in metrics.REJECTION_CODES):
+            rejection = record.stream_tally.error_code
+        if rejection is not None:
+            metrics.child(metrics.rejections_total, rejection).inc()
+        if record.llm is not None:
+            self._inference(record, duration)
 
     def _inference(self, record, duration):
         stream = "true" if record.stream else "false"
@@ -165,7 +180,7 @@ def note_reply(reply):
     """The inference's reply, before it goes out: a stream is read as it
     passes (its first chunk, its usage or chunks); a body is read once."""
     record = _record()
-    if record is None or record.llm is None:
+    if record is None or record.llm is None or not record.instrumented:
         return reply
     if reply.stream is None:
         record.tally = usage.from_body(reply.status, reply.body)

@@ -45,7 +45,7 @@ def heartbeat(session_id):
 def poll(session_id):
     query = schemas.poll_query.load(request.args)
     wait = min(query.get("wait", math.inf), float(current_app.config["POLL_WAIT_MAX"]))
-    lifecycle.owned_session(db.session, caller(), session_id)
+    lifecycle.check_session_owner(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the long-poll
     return {"tasks": bus().poll(session_id, wait, peer_connected(request.environ),
                                 ack=query.get("ack"))}
@@ -88,6 +88,6 @@ def post_chunks(task_id):
 def post_session_chunks(session_id):
     data = json_body(schemas.session_chunks)
     owner = lifecycle.task_owner(caller())
-    lifecycle.owned_session(db.session, caller(), session_id)
+    lifecycle.check_session_owner(db.session, caller(), session_id)
     db.session.close()  # hold no pooled connection during the bus call
     return {"results": streams.push_session_chunks(bus(), session_id, owner, data["tasks"])}

@@ -6,9 +6,9 @@ Each backend reader puts its chunks into its own `Stream`; the sender posts
 what all the streams have gathered once the oldest waiting chunk is a window
 old. The window grows with the number of running streams (MIN_WINDOW for a
 lone one, up to MAX_WINDOW under many), and a stream's first chunk and its
-end go within a quarter of it: a client's first token and its `[DONE]` come
-quickly, the tokens between ride in shared posts. Chunks that arrive while a
-post is in flight wait for the next one.
+end go within a quarter of it (MIN_WINDOW at least): a client's first token
+and its `[DONE]` come quickly, the tokens between ride in shared posts.
+Chunks that arrive while a post is in flight wait for the next one.
 
 Each entry carries `seq` (the stream's chunks the server has accepted), so a
 retried POST never duplicates text. The server answers per entry: a 410 (the
@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 256             # the server's cap on one POST
 MAX_CHUNKS = 2048             # chunks in one POST
+MAX_ENTRY_CHUNKS = 64         # of one stream in one POST (under the server's buffer per stream)
 MAX_BYTES = 1024 * 1024       # well under the server's 4 MiB body limit
 MAX_QUEUED = 256              # a stream's unsent chunks; then its reader waits
 MIN_WINDOW = 0.002            # a lone stream's chunks go this soon
-PER_STREAM_WINDOW = 0.0003    # each more running stream widens the window this much
+PER_STREAM_WINDOW = 0.0012    # each more running stream widens the window this much
 MAX_WINDOW = 0.05
 URGENT_SHARE = 0.25           # a first chunk or an end waits this share of the window
 MAX_ATTEMPTS = 8              # per POST, with backoff: about a minute of server trouble
-SLOW_CLIENT_PAUSE = 1.0       # a stream whose client reads slowly (429) waits this long
+SLOW_CLIENT_PAUSE = 0.25      # a stream whose client reads slowly (429) waits this long
 IDLE_TICK = 1.0               # the sender looks at least this often, even idle
 FINISH_TIMEOUT = 300.0        # finish() gives up waiting for the sender after this long
 
@@ -55,6 +56,7 @@ class Stream:
         self.since: float | None = None  # when the oldest pending chunk (or the end) came
         self.end_done: bool | None = None  # set by finish(): whether the stream ends `done`
         self.retry_at = 0.0
+        self.slowed = False               # told a 429 once (logged once)
         self.taken_at = 0.0               # when the sender last took chunks of it
         self.gone = threading.Event()      # stopped early: the client went away, or failure
         self.finished = threading.Event()  # nothing more to do, either way
@@ -100,9 +102,6 @@ class Stream:
         self.pending.append(data)
         self.sender._cond.notify_all()
 
-    def _urgent(self) -> bool:
-        return self.sent == 0 or self.end_done is not None
-
     def _ready(self, now) -> bool:
         return (bool(self.pending) or self.end_done is not None) and now >= self.retry_at
 
@@ -114,12 +113,14 @@ class SessionSender:
     ServerError (the session itself was refused: its streams stop)."""
 
     def __init__(self, post, max_entries=MAX_ENTRIES, max_chunks=MAX_CHUNKS,
-                 max_bytes=MAX_BYTES, max_queued=MAX_QUEUED, min_window=MIN_WINDOW,
+                 max_entry_chunks=MAX_ENTRY_CHUNKS, max_bytes=MAX_BYTES, max_queued=MAX_QUEUED,
+                 min_window=MIN_WINDOW,
                  per_stream_window=PER_STREAM_WINDOW, max_window=MAX_WINDOW, backoff=None,
                  max_attempts=MAX_ATTEMPTS, clock=time.monotonic):
         self.post = post
         self.max_entries = max_entries
         self.max_chunks = max_chunks
+        self.max_entry_chunks = max_entry_chunks
         self.max_bytes = max_bytes
         self.max_queued = max_queued
         self.min_window = min_window
@@ -192,16 +193,23 @@ class SessionSender:
                              if s.retry_at > now and (s.pending or s.end_done is not None)]
                     self._cond.wait(min([IDLE_TICK, *(at - now for at in retry)]))
                     continue
-                window = self.window()
-                due = min((s.since or now) + (window * URGENT_SHARE if s._urgent() else window)
-                          for s in ready)
+                due = min((s.since or now) + self._wait(s) for s in ready)
                 if now >= due or self._full(ready):
                     return self._take(ready)
                 self._cond.wait(due - now)
 
+    def _wait(self, stream) -> float:
+        """How long a stream's oldest waiting chunk may wait for company."""
+        window = self.window()
+        if stream.sent == 0 or stream.end_done is not None:
+            return max(self.min_window, window * URGENT_SHARE)
+        return window
+
     def _full(self, ready) -> bool:
         return (len(ready) >= self.max_entries
-                or sum(len(s.pending) for s in ready) >= self.max_chunks)
+                or sum(min(len(s.pending), self.max_entry_chunks) for s in ready)
+                >= self.max_chunks
+                or any(len(s.pending) >= self.max_entry_chunks for s in ready))
 
     def _take(self, ready):
         batch, chunks, size, now = [], 0, 0, self.clock()
@@ -216,7 +224,7 @@ class SessionSender:
             stream.taken_at = now
             taken = 0
             for data in stream.pending:
-                if taken and (chunks + taken >= self.max_chunks
+                if taken and (chunks + taken >= self.max_chunks or taken >= self.max_entry_chunks
                               or size + len(data) >= self.max_bytes):
                     break
                 taken += 1
@@ -283,7 +291,11 @@ class SessionSender:
             return
         status = error.get("status") if isinstance(error, dict) else None
         if status == 429:   # its client reads slowly: hold its chunks a moment
+            if not stream.slowed:
+                log.info("stream of task %s: its client reads slowly (429); holding it back",
+                         stream.task_id)
             with self._cond:
+                stream.slowed = True
                 stream.retry_at = self.clock() + SLOW_CLIENT_PAUSE
             return
         if status == 409 and done and attempt > 1:  # our earlier attempt got through

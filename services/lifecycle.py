@@ -118,6 +118,22 @@ def owned_session(session, caller, session_id) -> PublisherSession:
     return publisher
 
 
+_SESSION_OWNER = (sa.select(PublisherSession.owner)
+                  .where(PublisherSession.id == sa.bindparam("session_id")))
+
+
+def check_session_owner(session, caller, session_id) -> None:
+    """`owned_session`'s check alone, without loading the row (the hot path
+    of a stream's chunk POSTs). Raises NotFound, Forbidden."""
+    owner = session.connection().execute(_SESSION_OWNER, {"session_id": session_id}).scalar()
+    if owner is None:
+        raise NotFound(f"Session '{session_id}' not found; register again",
+                       code="session_not_found")
+    if owner != caller.id and not caller.is_admin:
+        raise Forbidden(f"Session '{session_id}' belongs to another token",
+                        code="foreign_session")
+
+
 def heartbeat(session, caller, session_id, now) -> int:
     """Bump every row of the session (agents, then LLMs, then the session
     itself: the lock order) and revive inactive ones; returns how many rows

@@ -10,7 +10,6 @@ from `bus.gauges()` at each scrape, which already counts every worker.
 Label values stay bounded: route rules (not paths), LLM names (rows that
 exist), error codes of our own; never token names or task ids.
 """
-import logging
 import os
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
@@ -18,8 +17,6 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.errors import ServiceError
-
-log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -56,6 +53,14 @@ usage_dropped_total = Counter(
     "switchboard_usage_dropped_total",
     "Usage rows a worker could not keep (its buffer was full, or it could not write them)",
     registry=REGISTRY)
+
+
+# The codes of our 429s and 503s: a stream whose headers had gone out gets
+# them as its last event instead, and is counted a rejection all the same.
+REJECTION_CODES = frozenset({
+    "too_many_pending", "too_many_queued", "too_many_polls", "queue_timeout",
+    "bus_unavailable", "publisher_offline", "publisher_disconnected", "pool_unavailable",
+    "database_busy", "database_unavailable", "database_not_migrated"})
 
 
 def child(metric, *labels):

@@ -7,6 +7,7 @@ per-call merging of settings, cookies and environment is most of requests'
 cost, and a shared cookie jar would carry one client's upstream cookies to
 another's calls.
 """
+import contextvars
 import logging
 import select
 import threading
@@ -69,8 +70,7 @@ class Upstream:
         (or, for a stream kept alive meanwhile, ends with an error event).
         Raises ApiKeyUnreadable (the stored key does not decrypt).
         """
-        request = self._request(target, dumps(body), endpoint, headers,
-                                request_ids.current())
+        request = self._request(target, dumps(body), endpoint, headers)
         if body.get("stream") is not True:
             return self._open(target, request, streaming=False)
         if self.keepalive is None:
@@ -147,8 +147,8 @@ class Upstream:
         finally:
             opened.close()
 
-    def _request(self, target: Target, data: bytes, endpoint: Endpoint, headers=None,
-                 request_id: str | None = None) -> requests.PreparedRequest:
+    def _request(self, target: Target, data: bytes, endpoint: Endpoint,
+                 headers=None) -> requests.PreparedRequest:
         """The POST to the target's `{url}/{endpoint}`, with the stored key as
         the backend expects it (Anthropic's `x-api-key` on messages) and the
         request's `X-Request-Id`. The URL is parsed and checked once, into a
@@ -174,6 +174,7 @@ class Upstream:
             request.headers["x-api-key"] = api_key
         elif api_key:
             request.headers["Authorization"] = f"Bearer {api_key}"
+        request_id = request_ids.current()
         if request_id:
             request.headers[request_ids.HEADER] = request_id
         return request
@@ -199,8 +200,9 @@ class _Opening:
         self._lock = threading.Lock()
         self._result = self._error = None
         self._abandoned = False
-        threading.Thread(target=self._run, args=(open_,), daemon=True,
-                         name="upstream-open").start()
+        # In the caller's context: its request id goes upstream and into its log lines.
+        threading.Thread(target=contextvars.copy_context().run, args=(self._run, open_),
+                         daemon=True, name="upstream-open").start()
 
     def _run(self, open_):
         try:

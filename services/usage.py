@@ -91,12 +91,13 @@ class StreamTally:
     in two parts: input at the start, output at the end), else its chunks
     with content; an `error` event."""
 
-    __slots__ = ("prompt", "completion", "chunks", "error", "_rest")
+    __slots__ = ("prompt", "completion", "chunks", "error", "error_code", "_rest")
 
     def __init__(self):
         self.prompt = self.completion = None
         self.chunks = 0
         self.error = False
+        self.error_code = None  # of the first error event
         self._rest = b""
 
     def feed(self, data: bytes) -> None:
@@ -119,6 +120,8 @@ class StreamTally:
         if not isinstance(chunk, dict):
             return
         if "error" in chunk:
+            if not self.error and isinstance(chunk["error"], dict):
+                self.error_code = chunk["error"].get("code")
             self.error = True
         for holder in (chunk, chunk.get("response"), chunk.get("message")):
             if isinstance(holder, dict) and "usage" in holder:
@@ -277,15 +280,34 @@ class UsageRecorder:
             self.flush()
 
 
+# A flush waits this long at most for a lock (another writer, a gc-sweep):
+# on SQLite the wait blocks the whole gevent worker, so it gives up soon and
+# the rows wait for the next flush instead.
+WRITE_LOCK_TIMEOUT = 0.1
+
+
 def writer(app):
     """`write(rows)` for a UsageRecorder: one upsert in its own app context
     (its own session), committed."""
     from extensions import db
+    from services.database import milliseconds
 
     def write(rows):
         with app.app_context():
             try:
-                upsert(db.session, rows)
+                connection = db.session.connection()
+                if connection.dialect.name == "postgresql":
+                    connection.execute(sa.text("SELECT set_config('lock_timeout', :ms, true)"),
+                                       {"ms": str(milliseconds(WRITE_LOCK_TIMEOUT))})
+                elif connection.dialect.name == "sqlite":
+                    raw = connection.connection.dbapi_connection
+                    raw.execute(f"PRAGMA busy_timeout = {milliseconds(WRITE_LOCK_TIMEOUT)}")
+                try:
+                    upsert(db.session, rows)  # takes the write lock (WAL: commit waits not)
+                finally:
+                    if connection.dialect.name == "sqlite":
+                        raw.execute(f"PRAGMA busy_timeout = "
+                                    f"{milliseconds(app.config['SQLITE_BUSY_TIMEOUT'])}")
                 db.session.commit()
             except BaseException:
                 db.session.rollback()
@@ -338,4 +360,5 @@ def summary(session, since: datetime, until: datetime, token: str | None = None,
     return [{"token": name, "llm": llm, "requests": int(requests), "errors": int(errors),
              "prompt_tokens": int(prompt), "completion_tokens": int(completion),
              "estimated": bool(estimated)}
-            for name, llm, requests, errors, prompt, completion, estimated in session.execute(query)]
+            for name, llm, requests, errors, prompt, completion, estimated
+            in session.execute(query)]

@@ -11,11 +11,12 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import stack
-from tests.support.fake_openai import ScriptedReply, completion, completion_chunk
+from tests.support.fake_openai import completion, completion_chunk
 from tests.support.protocol_publisher import ProtocolPublisher
 from tests.support.waiting import wait_until
 
-SETTINGS = {"SWITCHBOARD_USAGE_FLUSH_INTERVAL": "0.1", "SWITCHBOARD_SESSION_LIVENESS": "5"}
+SETTINGS = {"SWITCHBOARD_USAGE_FLUSH_INTERVAL": "0.1", "SWITCHBOARD_SESSION_LIVENESS": "5",
+            "SWITCHBOARD_QUEUE_TIMEOUT": "1", "SWITCHBOARD_STREAM_KEEPALIVE": "0.3"}
 ASK = {"messages": [{"role": "user", "content": "hello there"}]}
 INFER_ROUTE = "/api/v1/llms/<name>/infer"
 
@@ -115,6 +116,15 @@ def test_a_stream_to_a_public_upstream_carries_the_request_id_too(server, fake):
                      headers={**server.headers("client"), "X-Request-Id": "stream-1"})
     assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
     assert fake.chat_requests[-1]["headers"]["X-Request-Id"] == "stream-1"
+
+
+def test_a_stream_whose_upstream_is_slow_to_start_carries_the_request_id_too(server, fake):
+    llm = public_llm(server, fake, "ops-rid-slow")
+    fake.script(chunks=["a", "b"], delay=1.0)  # kept alive with comments meanwhile
+    response = infer(server, llm, {**ASK, "stream": True},
+                     headers={**server.headers("client"), "X-Request-Id": "slow-1"})
+    assert response.status_code == 200 and response.text.startswith(": keepalive")
+    assert fake.chat_requests[-1]["headers"]["X-Request-Id"] == "slow-1"
 
 
 @pytest.mark.parametrize("sent", [None, "", "has space", "x" * 129, "semi;colon", "é"])
@@ -232,6 +242,19 @@ def test_the_bus_gauges_and_the_time_to_first_chunk_are_exposed(server, publishe
     assert value(samples, "switchboard_tasks_in_flight", llm="ops-gauges") == 0
 
 
+def test_a_wake_is_counted_once_with_its_outcome(server):
+    publisher = ProtocolPublisher(server, [{"name": "ops-sleepy", "type": "openai",
+                                            "model": "sleepy-model",
+                                            "initial_status": "hibernating"}]).start()
+    try:
+        assert infer(server, "ops-sleepy").status_code == 200
+        samples = scrape(server)
+        assert value(samples, "switchboard_wakes_total", llm="ops-sleepy", outcome="ok") == 1
+        assert value(samples, "switchboard_wakes_total", llm="ops-sleepy", outcome="failed") == 0
+    finally:
+        publisher.stop(disconnect=True)
+
+
 def test_rejections_are_counted_by_reason(server, publishers):
     publisher = publishers("ops-offline")
     publisher.stop(disconnect=True)  # the row goes inactive: 503 publisher_offline
@@ -240,6 +263,35 @@ def test_rejections_are_counted_by_reason(server, publishers):
     assert infer(server, "ops-offline").status_code == 503
     after = value(scrape(server), "switchboard_rejections_total", reason="publisher_offline")
     assert after - before == 2
+
+
+def test_a_queue_timeout_told_as_a_streams_last_event_is_a_rejection_too(server):
+    release = threading.Event()
+
+    def holds(publisher, task):
+        release.wait(10)
+        publisher.result(task["task_id"], status=200, body={"choices": []})
+
+    publisher = ProtocolPublisher(server, [{"name": "ops-full", "type": "openai",
+                                            "model": "full-model", "max_concurrency": 1}],
+                                  holds).start()
+    try:
+        before = value(scrape(server), "switchboard_rejections_total", reason="queue_timeout")
+        with ThreadPoolExecutor(1) as pool:
+            holding = pool.submit(infer, server, "ops-full")
+            wait_until(lambda: value(scrape(server), "switchboard_tasks_in_flight",
+                                     llm="ops-full") == 1)
+            response = infer(server, "ops-full", {**ASK, "stream": True})
+            assert response.status_code == 200  # committed while it waited in line
+            assert json.loads(response.text.strip().rsplit("data: ", 1)[1])["error"][
+                "code"] == "queue_timeout"
+            release.set()
+            assert holding.result().status_code == 200
+        wait_until(lambda: value(scrape(server), "switchboard_rejections_total",
+                                 reason="queue_timeout") - before == 1)
+    finally:
+        release.set()
+        publisher.stop(disconnect=True)
 
 
 # -- usage ---------------------------------------------------------------------
@@ -311,6 +363,20 @@ def test_a_stream_without_usage_is_counted_from_its_chunks_and_marked_estimated(
         5, 3, False)
 
 
+def test_a_chat_with_an_agent_is_counted_on_its_llm(server, fake):
+    llm = public_llm(server, fake, "ops-chat-llm")
+    created = requests.post(f"{server.url}/api/v1/agents", headers=server.headers("admin"),
+                            json={"name": "ops-chat-agent", "llm": llm}, timeout=10)
+    assert created.status_code == 201, created.text
+    fake.script(body={**completion("hi"), "usage": {"prompt_tokens": 21, "completion_tokens": 2}})
+    response = requests.post(f"{server.url}/api/v1/agents/ops-chat-agent/chat",
+                             headers=server.headers("client"), json={"message": "hello"},
+                             timeout=30)
+    assert response.status_code == 200, response.text
+    found = wait_until(lambda: usage_rows(server).get(("client", llm)))
+    assert (found["requests"], found["prompt_tokens"], found["completion_tokens"]) == (1, 21, 2)
+
+
 # -- servers of their own --------------------------------------------------------
 
 def _sql(server, statement):
@@ -370,7 +436,7 @@ def test_json_log_format_writes_one_object_per_line(live_server_factory, fake_op
     assert any(r["name"] == "gunicorn.error" for r in lines())  # gunicorn's lines too
 
 
-def test_instrumentation_off_leaves_no_request_id_no_access_line_and_no_usage(
+def test_instrumentation_off_leaves_no_request_id_and_no_usage_but_the_access_line(
         live_server_factory, fake_openai):
     server = live_server_factory({**SETTINGS, "SWITCHBOARD_INSTRUMENT": "false"})
     llm = public_llm(server, fake_openai, "ops-off")
@@ -378,4 +444,17 @@ def test_instrumentation_off_leaves_no_request_id_no_access_line_and_no_usage(
     assert response.status_code == 200 and "X-Request-Id" not in response.headers
     assert "X-Request-Id" not in fake_openai.chat_requests[-1]["headers"]
     assert usage_rows(server) == {}
+    assert value(scrape(server), "switchboard_requests_total", route=INFER_ROUTE,
+                 method="POST", status="200") == 0
+    wait_until(lambda: "[-] switchboard.access: POST /api/v1/llms/ops-off/infer 200 "
+               in server.log_text(), message="the access line, without an id")
+
+
+def test_the_access_log_can_be_turned_off(live_server_factory, fake_openai):
+    server = live_server_factory({"SWITCHBOARD_ACCESS_LOG": "false"})
+    llm = public_llm(server, fake_openai, "ops-quiet")
+    response = infer(server, llm, headers={**server.headers("client"), "X-Request-Id": "q-1"})
+    assert response.status_code == 200 and response.headers["X-Request-Id"] == "q-1"
+    wait_until(lambda: value(scrape(server), "switchboard_inference_seconds_count", llm=llm,
+                             kind="public", stream="false") == 1)
     assert "switchboard.access" not in server.log_text()

@@ -1,5 +1,7 @@
 """Usage accounting in one process: what a reply counts, the buffer and its
 writer (a real database of the test stack), and the summary read back."""
+import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -8,6 +10,7 @@ import sqlalchemy as sa
 from extensions import db
 from models import ApiToken, UsageBucket
 from services import metrics, usage
+from tests.support import stack
 from tests.support.waiting import wait_until
 
 HOUR = 3600
@@ -121,6 +124,7 @@ def test_a_stream_that_ends_with_an_error_event_is_an_error():
     tally = usage.StreamTally()
     tally.feed(sse(b'{"error": {"message": "broke", "code": "upstream_stream_broken"}}'))
     assert tally.result(200, None).error
+    assert tally.error_code == "upstream_stream_broken"
 
 
 # -- the buffer and the writer ------------------------------------------------------
@@ -159,6 +163,25 @@ def test_a_failed_write_keeps_its_rows_for_the_next_flush(ctx, token_ids):
     failing[0] = False
     assert recorder.flush() == 1
     assert [row[2:6] for row in stored(ctx)] == [(2, 0, 4, 5)]
+    recorder.close()
+
+
+@stack.only_on(db="sqlite")
+def test_a_flush_gives_up_soon_on_a_locked_database_and_keeps_its_rows(ctx, token_ids):
+    recorder = usage.UsageRecorder(usage.writer(ctx), flush_interval=3600, clock=Clock())
+    recorder.record(token_ids["client-token"], "a", usage.Tally(3, 4))
+    path = sa.engine.make_url(ctx.config["SQLALCHEMY_DATABASE_URI"]).database
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write (a gc-sweep, say)
+    try:
+        started = time.monotonic()
+        assert recorder.flush() == 0
+        assert time.monotonic() - started < 1.0  # not SQLITE_BUSY_TIMEOUT's 2 s
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert recorder.flush() == 1
+    assert [row[2:6] for row in stored(ctx)] == [(1, 0, 3, 4)]
     recorder.close()
 
 

@@ -429,6 +429,39 @@ def test_at_most_max_concurrency_tasks_run_per_llm(publisher, mocked):
     assert backend.peak == 2
 
 
+def test_waiting_tasks_hold_no_thread_of_their_own(publisher, mocked):
+    for i in range(20):
+        expect_result(mocked, f"t{i}")
+    p = publisher(max_concurrency=2)
+    backend = p.llms["vllm-local"].backend = GatedBackend()
+    before = set(threading.enumerate())   # earlier tests' idle pool threads among them
+
+    for i in range(20):
+        p.dispatch(infer(task_id=f"t{i}"))
+    wait_for(lambda: backend.started == 2, what="two tasks to start")
+    pool_threads = [t for t in set(threading.enumerate()) - before
+                    if t.name.startswith("llm-vllm-local-")]
+    assert len(pool_threads) == 2   # 18 tasks wait in line, not in threads
+    backend.gate.set()
+
+    wait_for(lambda: all(calls_to(mocked, "POST", f"/tasks/t{i}/result") for i in range(20)),
+             what="all twenty results")
+    assert backend.peak == 2
+
+
+def test_a_full_line_refuses_a_task_with_an_error():
+    from publisher_client.publisher import TaskPool
+
+    gate, ran = threading.Event(), []
+    pool = TaskPool("m", size=1, backlog=2)
+    assert pool.submit(gate.wait, 5)                     # runs
+    wait_for(lambda: pool._waiting == 0, what="the first task to start")
+    assert pool.submit(ran.append, 1) and pool.submit(ran.append, 2)   # wait in line
+    assert not pool.submit(ran.append, 3)                # the line is full
+    gate.set()
+    wait_for(lambda: ran == [1, 2], what="the waiting tasks to run in order")
+
+
 def test_a_task_cancelled_while_waiting_for_a_slot_never_reaches_the_backend(publisher,
                                                                              mocked):
     expect_result(mocked, "first")

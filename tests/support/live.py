@@ -31,7 +31,8 @@ DEFAULT_GUNICORN_CMD_ARGS = "--graceful-timeout 2"
 # Settings of the outer environment must not leak into a test server.
 _SCRUBBED_PREFIXES = ("SWITCHBOARD_",)
 _SCRUBBED = {"DATABASE_URL", "REDIS_URL", "WEB_CONCURRENCY", "HOST", "PORT", "ACCESS_LOG",
-             "GUNICORN_CMD_ARGS", "FLASK_APP"}
+             "GUNICORN_CMD_ARGS", "FLASK_APP", "PROMETHEUS_MULTIPROC_DIR",
+             "_SWITCHBOARD_OWN_METRICS_DIR"}
 
 
 def venv_bin() -> Path:
