@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 import sqlalchemy as sa
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import stack
 from tests.support.fake_openai import completion, completion_chunk
 from tests.support.protocol_publisher import ProtocolPublisher
+from tests.support.scrape import scrape, value
 from tests.support.waiting import wait_until
 
 SETTINGS = {"SWITCHBOARD_USAGE_FLUSH_INTERVAL": "0.1", "SWITCHBOARD_SESSION_LIVENESS": "5",
@@ -70,20 +70,6 @@ def publishers(server):
 def infer(server, name, body=ASK, headers=None, **kwargs):
     return requests.post(f"{server.url}/api/v1/llms/{name}/infer", json=body,
                          headers=headers or server.headers("client"), timeout=30, **kwargs)
-
-
-def scrape(server) -> dict:
-    """{(name, labels as a sorted tuple): value} of every sample of /metrics."""
-    response = requests.get(f"{server.url}/metrics", headers=server.headers("admin"), timeout=10)
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples}
-
-
-def value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0)
 
 
 def usage_rows(server, headers=None, **params):
