@@ -353,7 +353,7 @@ class Publisher:
 
     def _wait_for_server(self, exc: Exception):
         delay = self.backoff.next_delay()
-        log.warning("cannot reach server (%s); retrying in %.1f s", exc, delay)
+        log.warning("cannot reach server (%s); retrying in %.2f s", exc, delay)
         self.backoff.sleep(delay)
 
     def _recovered(self):

@@ -1,7 +1,10 @@
 """Constants and small helpers of the publisher client's tests."""
 import json
 import socket
+import threading
 import time
+
+import responses
 
 SERVER = "http://switchboard.test"
 API = f"{SERVER}/api/v1"
@@ -278,3 +281,28 @@ class PublisherProcess:
             self.kill()
         if self._log is not None:
             self._log.close()
+
+
+def expect_result(mocked, task_id="t1"):
+    """Register the result endpoint; returns what `wait(timeout)`s until it was
+    called and its call recorded (`responses` records a call only after its
+    callback returns: reading mocked.calls on the callback's word alone races)."""
+    url = f"{API}/tasks/{task_id}/result"
+    called = threading.Event()
+
+    def result(request):
+        called.set()
+        return 200, {}, json.dumps({"accepted": True})
+    mocked.add_callback(responses.POST, url, callback=result)
+
+    class Posted:
+        @staticmethod
+        def wait(timeout):
+            def recorded():
+                return any(c.request.url == url and getattr(c.response, "status_code", None)
+                           == 200 for c in list(mocked.calls))
+            if not called.wait(timeout):
+                return False
+            wait_for(recorded, timeout, what=f"the call to {url} to be recorded")
+            return True
+    return Posted()

@@ -165,7 +165,7 @@ def test_unreachable_server_is_retried_with_growing_delays_then_reconnects(
 
     assert sleep.delays == [1.0, 2.0, 4.0, 1.0]   # reset by the successful poll
     messages = [r.getMessage() for r in caplog.records]
-    assert any("cannot reach server" in m and "retrying in 1.0 s" in m for m in messages)
+    assert any("cannot reach server" in m and "retrying in 1.00 s" in m for m in messages)
     assert "reconnected to server" in messages
 
 

@@ -14,7 +14,8 @@ from publisher_client import Publisher, backends
 from publisher_client.backends import Aborted, Answer, Call, OpenAIBackend
 from publisher_client.config import LlmConfig
 from tests.publisher_client.helpers import (API, BACKEND, FixedAnswerBackend, LateHeadersBackend,
-                                            SlowStreamBackend, calls_to, sent_json, wait_for)
+                                            SlowStreamBackend, calls_to, expect_result,
+                                            sent_json, wait_for)
 
 BODY = {"model": "qwen", "messages": [{"role": "user", "content": "hello there"}]}
 COMPLETION = {"object": "chat.completion",
@@ -41,31 +42,6 @@ def publisher(make_config):
 def infer(task_id="t1", streaming=False, body=BODY, llm="vllm-local"):
     return {"kind": "infer", "task_id": task_id, "llm": llm, "streaming": streaming,
             "body": {**body, "stream": streaming}}
-
-
-def expect_result(mocked, task_id="t1"):
-    """Register the result endpoint; returns what `wait(timeout)`s until it was
-    called and its call recorded (`responses` records a call only after its
-    callback returns: reading mocked.calls on the callback's word alone races)."""
-    url = f"{API}/tasks/{task_id}/result"
-    called = threading.Event()
-
-    def result(request):
-        called.set()
-        return 200, {}, json.dumps({"accepted": True})
-    mocked.add_callback(responses.POST, url, callback=result)
-
-    class Posted:
-        @staticmethod
-        def wait(timeout):
-            def recorded():
-                return any(c.request.url == url and getattr(c.response, "status_code", None)
-                           == 200 for c in list(mocked.calls))
-            if not called.wait(timeout):
-                return False
-            wait_for(recorded, timeout, what=f"the call to {url} to be recorded")
-            return True
-    return Posted()
 
 
 def result_of(mocked, task_id="t1"):

@@ -1,13 +1,11 @@
 """Wake recipes (http and command: success, failure, timeout), the wait for
 the backend, wake tasks, and waking before an infer on a backend that is down."""
-import json
 import sys
 import threading
 import time
 
 import pytest
 import requests
-import responses
 
 from publisher_client import Publisher
 from publisher_client.backends import OpenAIBackend
@@ -15,6 +13,7 @@ from publisher_client.config import LlmConfig, WakeRecipe
 from publisher_client.errors import WakeError
 from publisher_client.wake import Waker, run_recipe
 from tests.publisher_client.helpers import API, BACKEND, calls_to, sent_json, wait_for
+from tests.publisher_client.helpers import expect_result as expect_recorded_result
 
 WAKE_URL = "http://wake.test/wake/vllm"
 
@@ -237,13 +236,7 @@ def wake_publisher(make_config, wake):
 
 
 def expect_result(mocked, task_id="w1"):
-    posted = threading.Event()
-
-    def result(request):
-        posted.set()
-        return 200, {}, json.dumps({"accepted": True})
-    mocked.add_callback(responses.POST, f"{API}/tasks/{task_id}/result", callback=result)
-    return posted
+    return expect_recorded_result(mocked, task_id)
 
 
 def test_a_wake_task_runs_the_recipe_and_posts_ok_with_ms(make_config, mocked):
