@@ -53,7 +53,8 @@ SESSION_CHUNKS = f"{API}/publishers/sess-1/chunks"
 
 def expect_chunks(mocked, task_id="t1", status=200):
     """Register the session's chunks endpoint, answering every entry for
-    `task_id` with `status`; returns an Event set by its done entry (or its 410)."""
+    `task_id` with `status`; returns what `wait(timeout)`s until its done
+    entry (or its 410) was answered and that call recorded (see expect_result)."""
     done = threading.Event()
 
     def chunks(request):
@@ -72,7 +73,18 @@ def expect_chunks(mocked, task_id="t1", status=200):
         return 200, {}, json.dumps({"results": results})
     if not any(getattr(m, "url", None) == SESSION_CHUNKS for m in mocked.registered()):
         mocked.add_callback(responses.POST, SESSION_CHUNKS, callback=chunks)
-    return done
+
+    class Done:
+        @staticmethod
+        def wait(timeout):
+            def recorded():
+                _, entries = posted_chunks(mocked, task_id)
+                return status == 410 or any(entry.get("done") for entry in entries)
+            if not done.wait(timeout):
+                return False
+            wait_for(recorded, timeout, what="the last chunk call to be recorded")
+            return True
+    return Done()
 
 
 def posted_chunks(mocked, task_id="t1"):
