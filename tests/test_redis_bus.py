@@ -71,6 +71,22 @@ def test_a_chunk_batch_of_many_streams_is_one_script_call_and_reaches_other_work
             [f"{task_id}-a", f"{task_id}-b"], True, None)
         client_side.release(task_id)
 
+def test_a_client_reads_its_answer_and_frees_its_lease_in_one_script_call(buses):
+    client_side, publisher_side = buses.make(), buses.make()
+    task_id = client_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1})
+    publisher_side.poll(SID, wait=0)
+    publisher_side.complete(task_id, {"status": 200, "body": {"ok": True}}, owner="tok")
+    calls = []
+    run = client_side._run
+    client_side._run = lambda script, *args: calls.append(script) or run(script, *args)
+    assert client_side.wait_result(task_id) == {"status": 200, "body": {"ok": True}}
+    assert client_side.wait_result(task_id) == {"status": 200, "body": {"ok": True}}  # again
+    client_side.release(task_id)
+    assert calls == ["observe"]
+    # The LLM's one place is free for the next request, on any worker.
+    publisher_side.release(publisher_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1}))
+
+
 def test_an_outcome_posted_on_one_worker_reaches_the_client_on_another(buses):
     client_side, publisher_side = buses.make(), buses.make()
     with client_side.open_task(SID, INFER, **ARGS) as task_id:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.connection import _HiredisParser
 
 from jsonio import dumps, loads
 from models import new_id
@@ -41,6 +42,7 @@ from services.bus.base import (CONNECTION_CHECK_INTERVAL, DEFAULT_WEIGHT, MAX_TA
                                queue_timeout, too_many_pending, too_many_polls,
                                too_many_queued)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
+from services import sockets
 from services.bus.waiters import Waiters
 from services.errors import BadGateway, GatewayTimeout, Unavailable, bus_unavailable, from_data
 
@@ -70,6 +72,18 @@ _KEEPALIVE = {option: value for option, value in (
     (getattr(socket, "TCP_KEEPCNT", None), 3)) if option is not None}
 
 
+class _Parser(_HiredisParser):
+    """redis-py asks a pooled connection `can_read()` before each command (a
+    reply left unread means a broken connection). Under gevent that look
+    went through the hub, a switch per command; now the kernel answers it."""
+
+    def can_read(self, timeout=0):
+        if (timeout == 0 and self._reader is not None and not self._reader.has_data()
+                and self._sock is not None and not sockets.has_input(self._sock.fileno())):
+            return False
+        return super().can_read(timeout)
+
+
 @dataclass(slots=True)
 class _Hold:
     """A request of this process waiting on a task: its lease, and the event
@@ -83,6 +97,9 @@ class _Hold:
     changed: threading.Event
     fresh_until: float | None
     counted: bool = True  # against the LLM's pending limit (not when the fair queue counts it)
+    # What the observe that found the task finished saw; it released the lease
+    # in the same step, and a later wait reads the answer from here.
+    final: "_View | None" = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +161,7 @@ class RedisTaskBus(TaskBus):
             url, max_connections=max_connections, timeout=POOL_TIMEOUT,
             socket_timeout=socket_timeout, socket_connect_timeout=CONNECT_TIMEOUT,
             health_check_interval=HEALTH_CHECK_INTERVAL, decode_responses=True,
+            parser_class=_Parser,
             # Keep NATs and firewalls from forgetting idle connections.
             socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
         return cls(redis.Redis(connection_pool=pool), **kwargs)
@@ -195,13 +213,20 @@ class RedisTaskBus(TaskBus):
 
     def wait_result(self, task_id, poll_interval=None):
         end = None if poll_interval is None else self.clock() + poll_interval
+        hold = self._hold(task_id)
         changed, fresh_until = self._listen_to(task_id)
         while True:
-            if fresh_until is not None:  # just queued here: nothing to read yet
+            if hold.final is not None:
+                view = hold.final
+            elif fresh_until is not None:  # just queued here: nothing to read yet
                 view, fresh_until = _View.queued(fresh_until), None
             else:
                 changed.clear()
-                view = self._observe(task_id)
+                # A finished task is released in the same step: the answer
+                # goes out one Redis round trip sooner.
+                view = self._observe(task_id, lease=hold.lease)
+                if view.state in FINAL:
+                    hold.final = view
             if view.state == TaskState.DONE:
                 if view.outcome is None:  # chunks cannot finish a non-stream; never loop
                     raise BadGateway(f"The publisher of LLM '{view.llm}' sent no result",
@@ -251,7 +276,8 @@ class RedisTaskBus(TaskBus):
             if hold.counted:
                 self._lease_freed("n:" + hold.llm)
         self._waiters.discard("t:" + task_id, hold.changed)
-        self._run_or_retry("release", task_id, hold.lease, hold.llm)
+        if hold.final is None:
+            self._run_or_retry("release", task_id, hold.lease, hold.llm)
 
     def acquire_slot(self, llm, limit):
         lease = new_id()
@@ -505,10 +531,10 @@ class RedisTaskBus(TaskBus):
             raise from_data(loads(reply[1]))
         return reply
 
-    def _observe(self, task_id, idle_timeout=None, read_chunks=False) -> _View:
+    def _observe(self, task_id, idle_timeout=None, read_chunks=False, lease="") -> _View:
         reply = self._run("observe", task_id, "" if idle_timeout is None else idle_timeout,
                           "" if idle_timeout is None else f"{idle_timeout:g}",
-                          _flag(read_chunks))
+                          _flag(read_chunks), lease)
         if reply[0] == "missing":  # its keys lapsed: only if nothing read it for minutes
             raise GatewayTimeout(f"Task '{task_id}' expired", code="task_timeout")
         state, done, outcome, error, wake_at, activity, llm, *chunks = reply
@@ -517,6 +543,10 @@ class RedisTaskBus(TaskBus):
                      error=loads(error) if error else None,
                      wake_at=float(wake_at) if wake_at else 0.0,
                      activity=float(activity) if activity else 0.0, chunks=chunks)
+
+    def _hold(self, task_id) -> _Hold:
+        with self._lock:
+            return self._holds[task_id][0]
 
     def _listen_to(self, task_id):
         """(the event this process's request listens on, fresh_until) for a

@@ -441,6 +441,26 @@ local function position(queue, token, entry)
   return ahead + 1
 end
 
+-- A request lets go of its task: its lease no longer counts at the LLM or the
+-- task. The last waiter of an unfinished task cancels it; the last of any task
+-- leaves only its tombstone. True when this was the last waiting request.
+local function release(id, lease, llm)
+  redis.call('HDEL', P .. 'n:' .. llm, lease)
+  if redis.call('HDEL', P .. 'h:' .. id, lease) == 0 then return false end
+  if live_leases(P .. 'h:' .. id) > 0 then return false end
+  local t = load(id)
+  if t then
+    if t.share ~= '' and redis.call('GET', P .. 'sh:' .. t.share) == id then
+      redis.call('DEL', P .. 'sh:' .. t.share)
+    end
+    finish(t, 'cancelled', err(410, 'client_gone', 'The client went away'))
+    redis.call('HDEL', P .. 't:' .. id, 'payload', 'outcome')
+    redis.call('PEXPIRE', P .. 't:' .. id, TOMBSTONE_MS)
+  end
+  redis.call('DEL', P .. 'h:' .. id, P .. 'c:' .. id)
+  return true
+end
+
 -- Leases (lease -> worker) counted against `limit`; false when full.
 local function take_lease(key, lease, limit, ttl)
   if live_leases(key) >= limit then return false end
