@@ -34,6 +34,7 @@ def register_extensions(app):
     from services import database, recent_errors
     from services.api_keys import ApiKeyCipher
     from services.bus import create_bus
+    from services.cache import TtlMap
     from services.schema import SchemaCheck
 
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
@@ -43,12 +44,16 @@ def register_extensions(app):
         options.setdefault(key, value)
     db.init_app(app)
     migrate.init_app(app, db, render_as_batch=True)
-    if uri.startswith("sqlite"):
-        with app.app_context():
+    with app.app_context():
+        database.check_before_use(db.engine)
+        if uri.startswith("sqlite"):
             sa.event.listen(db.engine, "connect", _sqlite_pragmas)
     register_cors(app)
     app.extensions["schema_check"] = SchemaCheck(os.path.join(app.root_path, "migrations"))
     app.extensions["api_key_cipher"] = ApiKeyCipher.from_config(app.config)
+    ttl = float(app.config["AUTH_CACHE_TTL"])
+    app.extensions["token_cache"] = TtlMap(ttl)          # token hash -> Caller
+    app.extensions["session_owner_cache"] = TtlMap(ttl)  # session id -> owner token id
     app.extensions["task_bus"] = create_bus(app.config)
     app.extensions["recent_errors"] = recent_errors.for_bus(app.extensions["task_bus"])
 

@@ -81,6 +81,11 @@ DEFAULTS = {
     "USAGE_BUCKET_SECONDS": 3600,
     "USAGE_FLUSH_INTERVAL": 2.0,
     "USAGE_MAX_PENDING": 10_000,
+    # How long a worker trusts what it read of a token (its caller) and of a
+    # publisher session (its owner) before reading it again: a token revoked
+    # with `flask tokens revoke` is refused by every worker within this
+    # (0: every request reads the database).
+    "AUTH_CACHE_TTL": 1.0,
     "REDIS_URL": None,
     # The status page's sign-in cookie (Flask's session, signed with
     # SECRET_KEY): sent back to /status only, never readable by scripts or

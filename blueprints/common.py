@@ -9,7 +9,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 import settings
 from extensions import db
 from models import utcnow
-from services import tokens
+from services import lifecycle, tokens
 from services.api_keys import ApiKeyCipher
 from services.errors import Forbidden, Invalid
 
@@ -28,7 +28,8 @@ def authenticate_request():
     preflight carries no token by design: refuse_foreign_preflight has judged it."""
     if is_preflight():
         return
-    caller, touched = tokens.authenticate(db.session, authorization(), utcnow())
+    caller, touched = tokens.authenticate(db.session, authorization(), utcnow(),
+                                          current_app.extensions["token_cache"])
     if touched:
         db.session.commit()
     g.caller = caller
@@ -78,6 +79,12 @@ def refuse_foreign_preflight():
 
 def caller() -> tokens.Caller:
     return g.caller
+
+
+def check_session_owner(session_id) -> None:
+    """The caller's own session (or an admin's call), else NotFound / Forbidden."""
+    lifecycle.check_session_owner(db.session, caller(), session_id,
+                                  current_app.extensions["session_owner_cache"])
 
 
 def api_key_cipher() -> ApiKeyCipher:

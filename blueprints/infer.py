@@ -6,7 +6,7 @@ from blueprints.common import caller, json_body, peer_connected, require
 from extensions import db, relay
 from jsonio import dumps
 from schemas.inference import BODY_SCHEMAS
-from services import inference
+from services import database, inference
 from services.inference import CHAT, Endpoint
 
 bp = Blueprint("infer", __name__)
@@ -38,6 +38,7 @@ def infer_on_pool(model):
 def run_inference(name: str, body: dict, endpoint: Endpoint = CHAT, headers=None) -> Response:
     """Run `body` for `endpoint` on an LLM or, for `pool:<model>`, on a member
     of the pool; `headers` go on to a public upstream."""
+    database.reads_alone(db.session())
     route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live,
                             endpoint.path)
     db.session.close()  # hold no pooled connection while the relay waits

@@ -5,7 +5,7 @@ import math
 
 from flask import Blueprint, current_app, request
 
-from blueprints.common import caller, json_body, peer_connected, require
+from blueprints.common import caller, check_session_owner, json_body, peer_connected, require
 from extensions import db
 from models import utcnow
 from schemas import publisher as schemas
@@ -45,7 +45,7 @@ def heartbeat(session_id):
 def poll(session_id):
     query = schemas.poll_query.load(request.args)
     wait = min(query.get("wait", math.inf), float(current_app.config["POLL_WAIT_MAX"]))
-    lifecycle.check_session_owner(db.session, caller(), session_id)
+    check_session_owner(session_id)
     db.session.close()  # hold no pooled connection during the long-poll
     return {"tasks": bus().poll(session_id, wait, peer_connected(request.environ),
                                 ack=query.get("ack"))}
@@ -88,6 +88,6 @@ def post_chunks(task_id):
 def post_session_chunks(session_id):
     data = json_body(schemas.session_chunks)
     owner = lifecycle.task_owner(caller())
-    lifecycle.check_session_owner(db.session, caller(), session_id)
+    check_session_owner(session_id)
     db.session.close()  # hold no pooled connection during the bus call
     return {"results": streams.push_session_chunks(bus(), session_id, owner, data["tasks"])}

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from services import sockets
 from services.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -180,14 +181,14 @@ def _is_psycopg_operational(exc) -> bool:
 def engine_options(uri: str, config) -> dict:
     """SQLAlchemy engine options for `uri` from the settings: a pool sized for
     gevent (many greenlets, few connections) whose checkout waits at most
-    DATABASE_POOL_TIMEOUT, connections checked before use, and on PostgreSQL
-    a connect timeout and server-side lock and statement timeouts."""
+    DATABASE_POOL_TIMEOUT, and on PostgreSQL a connect timeout and
+    server-side lock and statement timeouts. (`check_before_use` replaces
+    `pool_pre_ping`'s round trip.)"""
     url = make_url(uri)
     options = {
         # A database error's message would otherwise quote the statement's
         # parameters, an LLM's api_key among them, into logs.
         "hide_parameters": True,
-        "pool_pre_ping": True,
     }
     if not (url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:")):
         # Whole seconds: Flask-SQLAlchemy's engine_from_config makes it an int.
@@ -211,6 +212,45 @@ def engine_options(uri: str, config) -> dict:
             connect_args["options"] = f"{given} {server_options}" if given else server_options
         options["connect_args"] = connect_args
     return options
+
+
+def check_before_use(engine) -> None:
+    """Hand out no pooled PostgreSQL connection that the server has closed
+    (a restart, `pg_terminate_backend`, an idle timeout), without
+    `pool_pre_ping`'s round trip on every checkout: a connection at rest has
+    nothing to say, so one whose socket is readable holds the server's
+    farewell (its FATAL message, or the end of the stream). The pool then
+    opens a new one in its place (up to three times, then the error is
+    `database_unavailable`). A connection fresh from connecting is not
+    checked: it may still hold unread handshake bytes."""
+    if engine.dialect.name != "postgresql":
+        return  # SQLite's connections are files: nothing can close them under us
+
+    @sa.event.listens_for(engine, "checkin")
+    def rested(_dbapi_connection, record):
+        record.info["rested"] = True
+
+    @sa.event.listens_for(engine, "checkout")
+    def still_open(dbapi_connection, record, _proxy):
+        if record.info.get("rested") and _has_input(dbapi_connection):
+            raise sa.exc.DisconnectionError("the server closed this pooled connection")
+
+
+def _has_input(dbapi_connection) -> bool:
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # closed already  # noqa: BLE001
+        return True
+    return sockets.has_input(fd)
+
+
+def reads_alone(session) -> None:
+    """The session's reads until it closes run in autocommit, each SELECT one
+    round trip without BEGIN and ROLLBACK, when no transaction is open yet:
+    for a request that only reads before it waits (an inference's route).
+    Inside an open transaction it changes nothing."""
+    if not session.in_transaction():
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def milliseconds(seconds) -> int:

@@ -122,10 +122,18 @@ _SESSION_OWNER = (sa.select(PublisherSession.owner)
                   .where(PublisherSession.id == sa.bindparam("session_id")))
 
 
-def check_session_owner(session, caller, session_id) -> None:
+def check_session_owner(session, caller, session_id, recent=None) -> None:
     """`owned_session`'s check alone, without loading the row (the hot path
-    of a stream's chunk POSTs). Raises NotFound, Forbidden."""
-    owner = session.connection().execute(_SESSION_OWNER, {"session_id": session_id}).scalar()
+    of polls and chunk POSTs). Raises NotFound, Forbidden. With `recent` (a
+    TtlMap of session id -> owner, the worker's), an owner read lately is
+    not read again: a session never changes owner, and one deleted elsewhere
+    is seen within the map's ttl (its polls meanwhile get no tasks)."""
+    owner = recent.get(session_id) if recent is not None else None
+    if owner is None:
+        owner = session.connection().execute(_SESSION_OWNER,
+                                             {"session_id": session_id}).scalar()
+        if owner is not None and recent is not None:
+            recent.put(session_id, owner)
     if owner is None:
         raise NotFound(f"Session '{session_id}' not found; register again",
                        code="session_not_found")

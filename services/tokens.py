@@ -91,19 +91,23 @@ _TOKEN_BY_HASH = (
     .where(ApiToken.token_hash == sa.bindparam("token_hash")))
 
 
-def authenticate(session, header: str | None, now) -> tuple[Caller, bool]:
+def authenticate(session, header: str | None, now, recent=None) -> tuple[Caller, bool]:
     """Resolve an `Authorization: Bearer <token>` header.
 
     Returns the caller and whether `last_used_at` was written (the caller
-    then commits). Raises Unauthorized.
+    then commits). Raises Unauthorized. With `recent` (a TtlMap of token
+    hash -> Caller, the worker's), a token found valid lately is not read
+    again: a revocation reaches this worker within the map's ttl.
     """
     if not header:
         raise Unauthorized("Missing bearer token", code="missing_token")
     scheme, _, raw = header.partition(" ")
     if scheme.lower() != "bearer" or not raw.strip():
         raise Unauthorized("Authorization must be 'Bearer <token>'", code="missing_token")
-    row = session.connection().execute(
-        _TOKEN_BY_HASH, {"token_hash": hash_token(raw.strip())}).first()
+    token_hash = hash_token(raw.strip())
+    if recent is not None and (known := recent.get(token_hash)) is not None:
+        return known, False
+    row = session.connection().execute(_TOKEN_BY_HASH, {"token_hash": token_hash}).first()
     if row is None:
         raise Unauthorized("Unknown token", code="invalid_token")
     if row.revoked_at is not None:
@@ -114,4 +118,7 @@ def authenticate(session, header: str | None, now) -> tuple[Caller, bool]:
         touched = True
     else:
         touched = False
-    return Caller(id=row.id, name=row.name, role=row.role), touched
+    caller = Caller(id=row.id, name=row.name, role=row.role)
+    if recent is not None:
+        recent.put(token_hash, caller)
+    return caller, touched

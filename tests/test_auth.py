@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from extensions import db
 from models import ApiToken, utcnow
 from services import tokens as token_service
+from services.cache import TtlMap
 
 LLM = {"name": "gpt-x", "model": "m", "url": "http://127.0.0.1:9/v1"}
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -61,11 +62,27 @@ def test_the_scheme_is_case_insensitive(client, tokens):
     assert response.status_code == 200
 
 
-def test_a_revoked_token_is_401(app, client, auth):
-    assert client.get("/api/v1/llms", headers=auth("client")).status_code == 200
+def revoke(app, name):
     with app.app_context():
-        token_service.revoke_token(db.session, "client-token", utcnow())
+        token_service.revoke_token(db.session, name, utcnow())
         db.session.commit()
+
+
+def test_a_revoked_token_is_401_once_the_workers_memory_of_it_lapses(app, client, auth):
+    now = [0.0]
+    app.extensions["token_cache"] = TtlMap(1.0, timer=lambda: now[0])
+    assert client.get("/api/v1/llms", headers=auth("client")).status_code == 200
+    revoke(app, "client-token")  # as `flask tokens revoke` does, from another process
+    now[0] = 0.9  # the worker read the token a moment ago
+    assert client.get("/api/v1/llms", headers=auth("client")).status_code == 200
+    now[0] = 1.0
+    assert_401(client.get("/api/v1/llms", headers=auth("client")), "revoked_token")
+
+
+@pytest.mark.parametrize("app_config", [{"AUTH_CACHE_TTL": 0}])
+def test_without_the_cache_a_revoked_token_is_401_at_once(app, client, auth):
+    assert client.get("/api/v1/llms", headers=auth("client")).status_code == 200
+    revoke(app, "client-token")
     assert_401(client.get("/api/v1/llms", headers=auth("client")), "revoked_token")
 
 
