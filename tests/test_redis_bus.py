@@ -87,6 +87,19 @@ def test_a_client_reads_its_answer_and_frees_its_lease_in_one_script_call(buses)
     publisher_side.release(publisher_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1}))
 
 
+def test_a_poll_that_finds_a_task_takes_it_and_ends_in_one_script_call(buses):
+    client_side, publisher_side = buses.make(), buses.make()
+    with client_side.open_task(SID, dict(INFER), **ARGS) as task_id:
+        calls = []
+        run = publisher_side._run
+        publisher_side._run = lambda script, *args: calls.append(script) or run(script, *args)
+        assert [task["task_id"] for task in publisher_side.poll(SID, wait=5)] == [task_id]
+        assert calls == ["poll"]
+        assert publisher_side.stats()["polls"] == publisher_side.gauges()["held_polls"] == 0
+        # The session stays live after its poll ended, as after any poll.
+        assert client_side.is_live(SID)
+
+
 def test_an_outcome_posted_on_one_worker_reaches_the_client_on_another(buses):
     client_side, publisher_side = buses.make(), buses.make()
     with client_side.open_task(SID, INFER, **ARGS) as task_id:

@@ -379,7 +379,7 @@ class RedisTaskBus(TaskBus):
                 while True:
                     if reply[0] == "dropped":
                         return []
-                    if len(reply) > 1:
+                    if reply[0] == "ended":  # tasks handed over; the script ended the poll
                         return [loads(item) for item in reply[1:]]
                     now = self.clock()
                     if now >= deadline:
@@ -396,10 +396,11 @@ class RedisTaskBus(TaskBus):
                     self._polls[session_id] -= 1
                     if self._polls[session_id] <= 0:
                         del self._polls[session_id]
-                try:
-                    self._run("poll_end", session_id, held[-1], started)
-                except Unavailable:
-                    pass  # its lease lapses with this worker's, or with the key
+                if reply[0] != "ended":
+                    try:
+                        self._run("poll_end", session_id, held[-1], started)
+                    except Unavailable:
+                        pass  # its lease lapses with this worker's, or with the key
 
     def task_info(self, task_id, owner=None):
         _, session_id, task_owner, kind, llm = self._answer(self._run("task_info", task_id,

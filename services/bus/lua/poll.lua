@@ -1,8 +1,9 @@
 -- poll(session, max_tasks, started_at, lease, acks_given, wait, ack...)
---   -> {'dropped'} | {'full'} | {'ok', payload...}
+--   -> {'dropped'} | {'full'} | {'ok'} | {'ended', payload...}
 -- Holds the poll (its lease, at most MAX_POLLS per session), takes the acks,
 -- and hands over up to max_tasks queued tasks (picking them, counting the
 -- attempt) and cancel messages. Called again with the same lease when woken.
+-- A poll that hands something over ends in the same step (`end_poll`).
 local sid, max_tasks, started, lease = ARG(1), tonumber(ARG(2)), tonumber(ARG(3)), ARG(4)
 local acks_given = ARG(5) == '1'
 local dropped = redis.call('GET', P .. 'x:' .. sid)
@@ -55,5 +56,9 @@ while #reply - 1 < max_tasks do
       end
     end
   end
+end
+if #reply > 1 then
+  reply[1] = 'ended'
+  end_poll(sid, lease, started)
 end
 return reply

@@ -441,6 +441,18 @@ local function position(queue, token, entry)
   return ahead + 1
 end
 
+-- A poll is no longer held; the session stays live for SESSION_LIVENESS from
+-- now, unless it was dropped meanwhile (then false).
+local function end_poll(sid, lease, started)
+  redis.call('HDEL', P .. 'ph:' .. sid, lease)
+  redis.call('ZREM', P .. 'g:polls', lease)
+  local dropped = redis.call('GET', P .. 'x:' .. sid)
+  if dropped and tonumber(dropped) >= started then return false end
+  session_set(sid, 'polled', NOW, 'signed', NOW)
+  if polls_held(sid) == 0 then redis.call('ZADD', P .. 'g:live', NOW + LIVENESS, sid) end
+  return true
+end
+
 -- A request lets go of its task: its lease no longer counts at the LLM or the
 -- task. The last waiter of an unfinished task cancels it; the last of any task
 -- leaves only its tombstone. True when this was the last waiting request.
