@@ -161,6 +161,29 @@ def test_concurrent_wakes_on_two_workers_share_one_task(buses):
     b.release(second)
 
 
+def test_requests_sharing_a_finished_task_each_free_one_lease_and_all_get_the_answer(buses):
+    a, b = buses.make(), buses.make()
+    wake = {"kind": "wake", "llm": "m"}
+    task_id = a.submit(SID, dict(wake), **ARGS, share_key="wake:s:m")
+    for bus in (a, a, b):
+        assert bus.submit(SID, dict(wake), **ARGS, share_key="wake:s:m") == task_id
+    b.poll(SID, wait=0)
+    b.complete(task_id, {"status": 200, "body": {}}, owner="tok")
+
+    def waiting():  # the requests the task's lease hash still counts
+        return a.client.hlen(f"{buses.prefix}h:{task_id}")
+
+    for remaining in (3, 2):  # two requests on `a` get the answer and let go
+        assert a.wait_result(task_id) == {"status": 200, "body": {}}
+        a.release(task_id)
+        assert waiting() == remaining
+    assert b.wait_result(task_id) == {"status": 200, "body": {}}
+    b.release(task_id)
+    assert a.wait_result(task_id) == {"status": 200, "body": {}}  # the last one still gets it
+    a.release(task_id)
+    assert waiting() == 0
+
+
 def test_the_pending_limit_counts_every_worker(buses):
     a, b = buses.make(), buses.make()
     held = [a.submit(SID, dict(INFER), **{**ARGS, "limit": 3}), b.acquire_slot("m", 3)]

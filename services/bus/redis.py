@@ -270,7 +270,13 @@ class RedisTaskBus(TaskBus):
             holds = self._holds.get(task_id)
             if not holds:
                 return
-            hold = holds.pop()
+            # A hold released already (by the observe that found the task
+            # finished) goes first: each request frees one lease, and those of
+            # requests still waiting keep the answer in Redis for them.
+            done = next((i for i, hold in enumerate(holds) if hold.final is not None), -1)
+            hold = holds.pop(done)
+            if done == 0 and holds:  # the others listen on the first hold's event: keep it
+                holds[0].changed, hold.changed = hold.changed, holds[0].changed
             if not holds:
                 del self._holds[task_id]
             if hold.counted:
@@ -546,8 +552,11 @@ class RedisTaskBus(TaskBus):
                      activity=float(activity) if activity else 0.0, chunks=chunks)
 
     def _hold(self, task_id) -> _Hold:
+        """The hold a wait of this process reads through: one whose task was
+        found finished (its answer is here), else the first."""
         with self._lock:
-            return self._holds[task_id][0]
+            holds = self._holds[task_id]
+            return next((hold for hold in holds if hold.final is not None), holds[0])
 
     def _listen_to(self, task_id):
         """(the event this process's request listens on, fresh_until) for a
