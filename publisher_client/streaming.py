@@ -6,8 +6,9 @@ Each backend reader puts its chunks into its own `Stream`; the sender posts
 what all the streams have gathered once the oldest waiting chunk is a window
 old. The window grows with the number of running streams (MIN_WINDOW for a
 lone one, up to MAX_WINDOW under many), and a stream's first chunk and its
-end go within a quarter of it (MIN_WINDOW at least): a client's first token
-and its `[DONE]` come quickly, the tokens between ride in shared posts.
+end go within a quarter of it (MIN_WINDOW at least), first in their post: a
+client's first token and its `[DONE]` come quickly, the tokens between ride
+in shared posts.
 Chunks that arrive while a post is in flight wait for the next one.
 
 Each entry carries `seq` (the stream's chunks the server has accepted), so a
@@ -101,6 +102,10 @@ class Stream:
             self.since = self.sender.clock()
         self.pending.append(data)
         self.sender._nudge(self)
+
+    def _urgent(self) -> bool:
+        """Its first chunk, or its end, is waiting."""
+        return self.sent == 0 or self.end_done is not None
 
     def _ready(self, now) -> bool:
         return (bool(self.pending) or self.end_done is not None) and now >= self.retry_at
@@ -219,7 +224,7 @@ class SessionSender:
     def _wait(self, stream) -> float:
         """How long a stream's oldest waiting chunk may wait for company."""
         window = self.window()
-        if stream.sent == 0 or stream.end_done is not None:
+        if stream._urgent():
             return max(self.min_window, window * URGENT_SHARE)
         return window
 
@@ -231,7 +236,9 @@ class SessionSender:
 
     def _take(self, ready):
         batch, chunks, size, now = [], 0, 0, self.clock()
-        ready.sort(key=lambda s: s.since or now)
+        # First chunks and ends lead: the server wakes the clients in the
+        # order of the entries, and those are the ones a client waits for.
+        ready.sort(key=lambda s: (not s._urgent(), s.since or now))
         session_id = ready[0].session_id
         for stream in ready:
             if stream.session_id != session_id:
