@@ -10,6 +10,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from publisher_client import __version__
+from publisher_client.environment import read_environment_once
 from publisher_client.errors import ServerError, ServerUnavailable, SessionNotFound, TaskGone
 
 CONNECT_TIMEOUT = 10.0
@@ -25,8 +26,8 @@ class SwitchboardAPI:
         self.base = f"{server.rstrip('/')}/api/v1"
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        # trust_env stays True (the default): HTTPS_PROXY, HTTP_PROXY and
-        # NO_PROXY are honoured, which is how publishers behind a proxy get out.
+        # HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured (read once, below),
+        # which is how publishers behind a proxy get out.
         self.http = requests.Session()
         # Poll, heartbeat, results and chunk posts of concurrent tasks share
         # the pool; the default of 10 would drop connections under load.
@@ -35,6 +36,7 @@ class SwitchboardAPI:
         self.http.mount("https://", adapter)
         self.http.headers.update({"Authorization": f"Bearer {token}",
                                   "User-Agent": f"switchboard-publisher/{__version__}"})
+        read_environment_once(self.http, self.base)
 
     def register(self, session_id: str | None, llms: list[dict], agents: list[dict]) -> dict:
         """Publish LLMs and agents; returns {session_id, llms, agents}.

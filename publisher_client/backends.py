@@ -27,6 +27,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from publisher_client.config import LlmConfig
+from publisher_client.environment import read_environment_once
 from publisher_client.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class OpenAIBackend:
 
     def __init__(self, llm: LlmConfig):
         self.url = llm.url
-        self.http = requests.Session()   # trust_env: NO_PROXY applies to backends too
+        self.http = requests.Session()
         adapter = _CallAdapter(pool_maxsize=max(10, llm.max_concurrency + 2))
         self.http.mount("http://", adapter)
         self.http.mount("https://", adapter)
@@ -180,6 +181,7 @@ class OpenAIBackend:
         self.api_key = llm.api_key
         if llm.api_key:
             self.http.headers["Authorization"] = f"Bearer {llm.api_key}"
+        read_environment_once(self.http, self.url)  # NO_PROXY applies to backends too
 
     def available(self) -> bool:
         """The backend answers GET {url}/models with a 2xx."""

@@ -6,8 +6,9 @@ Each backend reader puts its chunks into its own `Stream`; the sender posts
 what all the streams have gathered once the oldest waiting chunk is a window
 old. The window grows with the number of running streams (MIN_WINDOW for a
 lone one, up to MAX_WINDOW under many), and a stream's first chunk and its
-end go within a quarter of it (MIN_WINDOW at least): a client's first token
-and its `[DONE]` come quickly, the tokens between ride in shared posts.
+end go within a quarter of it (MIN_WINDOW at least), first in their post: a
+client's first token and its `[DONE]` come quickly, the tokens between ride
+in shared posts.
 Chunks that arrive while a post is in flight wait for the next one.
 
 Each entry carries `seq` (the stream's chunks the server has accepted), so a
@@ -100,7 +101,11 @@ class Stream:
         if not self.pending:
             self.since = self.sender.clock()
         self.pending.append(data)
-        self.sender._cond.notify_all()
+        self.sender._nudge(self)
+
+    def _urgent(self) -> bool:
+        """Its first chunk, or its end, is waiting."""
+        return self.sent == 0 or self.end_done is not None
 
     def _ready(self, now) -> bool:
         return (bool(self.pending) or self.end_done is not None) and now >= self.retry_at
@@ -134,6 +139,7 @@ class SessionSender:
         self._streams: dict[str, Stream] = {}
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._wakes_at: float | None = None   # when the sender's wait ends; None: not waiting
 
     def open(self, session_id: str, task_id: str, on_gone=lambda: None) -> Stream:
         """A new stream of the session's task. `on_gone()` is called once
@@ -191,17 +197,34 @@ class SessionSender:
                 if not ready:
                     retry = [s.retry_at for s in self._streams.values()
                              if s.retry_at > now and (s.pending or s.end_done is not None)]
-                    self._cond.wait(min([IDLE_TICK, *(at - now for at in retry)]))
+                    self._sleep(now, min([IDLE_TICK, *(at - now for at in retry)]))
                     continue
                 due = min((s.since or now) + self._wait(s) for s in ready)
                 if now >= due or self._full(ready):
                     return self._take(ready)
-                self._cond.wait(due - now)
+                self._sleep(now, due - now)
+
+    def _sleep(self, now, timeout):
+        self._wakes_at = now + timeout
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._wakes_at = None
+
+    def _nudge(self, stream):
+        """A chunk came (the condition held): wake the sender only when this
+        stream is due before the sender would look anyway, or fills its share
+        of a post. Waking it for every chunk would cost more than the posts."""
+        if self._wakes_at is None:   # sending: it looks at every stream next
+            return
+        if (len(stream.pending) >= min(self.max_entry_chunks, self.max_chunks)
+                or stream.since + self._wait(stream) < self._wakes_at):
+            self._cond.notify_all()
 
     def _wait(self, stream) -> float:
         """How long a stream's oldest waiting chunk may wait for company."""
         window = self.window()
-        if stream.sent == 0 or stream.end_done is not None:
+        if stream._urgent():
             return max(self.min_window, window * URGENT_SHARE)
         return window
 
@@ -213,7 +236,9 @@ class SessionSender:
 
     def _take(self, ready):
         batch, chunks, size, now = [], 0, 0, self.clock()
-        ready.sort(key=lambda s: s.since or now)
+        # First chunks and ends lead: the server wakes the clients in the
+        # order of the entries, and those are the ones a client waits for.
+        ready.sort(key=lambda s: (not s._urgent(), s.since or now))
         session_id = ready[0].session_id
         for stream in ready:
             if stream.session_id != session_id:

@@ -7,6 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from publisher_client import Publisher
+from publisher_client.backends import Call, OpenAIBackend
+from publisher_client.config import LlmConfig
 from tests.publisher_client.helpers import API, register_reply
 
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY",
@@ -38,6 +40,22 @@ def test_no_proxy_bypasses_the_proxy(make_config, mocked, clean_proxy_env):
     Publisher(make_config()).register()
 
     assert "http" not in mocked.calls[0].request.req_kwargs["proxies"]
+
+
+
+@pytest.mark.parametrize("no_proxy, expected", [("", "http://proxy.corp:3128"),
+                                                ("gpu.lan", None)])
+def test_a_backend_honours_http_proxy_and_no_proxy(mocked, clean_proxy_env, no_proxy,
+                                                   expected):
+    clean_proxy_env.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    clean_proxy_env.setenv("NO_PROXY", no_proxy)
+    mocked.post("http://gpu.lan:8000/v1/chat/completions", json={"ok": True})
+    backend = OpenAIBackend(LlmConfig(name="v", type="openai", model="m",
+                                      url="http://gpu.lan:8000/v1"))
+
+    assert backend.answer({"model": "m"}, False, Call()).body == {"ok": True}
+
+    assert mocked.calls[0].request.req_kwargs["proxies"].get("http") == expected
 
 
 class RecordingProxy:

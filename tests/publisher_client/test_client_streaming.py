@@ -140,6 +140,25 @@ def test_chunks_arriving_within_the_window_share_a_post():
     sender.close()
 
 
+
+def test_first_chunks_and_ends_lead_a_post_the_server_wakes_their_clients_first():
+    post = RecordingPost()
+    sender = SessionSender(post, min_window=0.5)
+    running, ending, new = (sender.open("sess-1", t) for t in ("running", "ending", "new"))
+    running.sent = ending.sent = 1   # past their first chunks
+    running.put("older")             # waits a whole window for company
+    ending.put("last")
+    finishing = threading.Thread(target=ending.finish, kwargs={"done": True})
+    finishing.start()                # its end waits only a share of it
+    new.put("first")
+
+    wait_for(lambda: post.posts, timeout=2, what="the first post")
+    finishing.join(5)
+    assert [entry["task_id"] for entry in post.posts[0][1]] == ["ending", "new", "running"]
+    for stream in (running, new):
+        stream.cancel()
+    sender.close()
+
 def test_a_post_is_cut_at_max_chunks():
     post = RecordingPost()
     sender = SessionSender(post, max_chunks=4, min_window=0.2)
