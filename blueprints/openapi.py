@@ -2,8 +2,6 @@
 built once per app from its URL map."""
 from flask import Blueprint, current_app
 
-from schemas.openapi import build_document
-
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 VERSION = "1"
 
@@ -12,5 +10,9 @@ VERSION = "1"
 def openapi_document():
     extensions = current_app.extensions
     if "openapi" not in extensions:
+        # Here, not at the top: apispec is for this document alone, and a
+        # `flask` command starts without it.
+        from schemas.openapi import build_document
+
         extensions["openapi"] = build_document(current_app.url_map, VERSION)
     return extensions["openapi"]

@@ -297,12 +297,15 @@ def test_maps_are_empty_after_every_path(app, client, auth):
 
 # -- gc-sweep -----------------------------------------------------------------
 
+def backdate_llms(app, **timestamps):
+    with app.app_context():
+        db.session.execute(sa.update(Llm).values(**timestamps))
+        db.session.commit()
+
+
 def test_gc_sweep_json_prints_totals_and_per_table_counts(app, client, auth, runner):
     register(client, auth)
-    with app.app_context():
-        db.session.execute(sa.update(Llm).values(last_heartbeat_at=utcnow() - timedelta(
-            minutes=10)))
-        db.session.commit()
+    backdate_llms(app, last_heartbeat_at=utcnow() - timedelta(minutes=10))
     result = runner.invoke(args=["gc-sweep", "--json"])
     assert result.exit_code == 0
     assert result.output.count("\n") == 1
@@ -313,12 +316,13 @@ def test_gc_sweep_json_prints_totals_and_per_table_counts(app, client, auth, run
         "chat_messages": {"settled": 0}}
 
 
-def test_gc_sweep_options_override_the_settings(client, auth, runner):
+def test_gc_sweep_options_override_the_settings(app, client, auth, runner):
     register(client, auth)
     args = ["gc-sweep", "--json", "--heartbeat-timeout", "0", "--retention", "0"]
-    time.sleep(0.01)
+    a_second_ago = utcnow() - timedelta(seconds=1)
+    backdate_llms(app, last_heartbeat_at=a_second_ago)  # fresh by the default 90 s
     first = json.loads(runner.invoke(args=args).output)
-    time.sleep(0.01)
+    backdate_llms(app, inactive_since=a_second_ago)  # kept by the default 4 h
     second = json.loads(runner.invoke(args=args).output)
     assert first["llms"] == {"marked_inactive": 1, "deleted": 0}
     assert second["llms"] == {"marked_inactive": 0, "deleted": 1}
