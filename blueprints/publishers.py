@@ -25,8 +25,8 @@ def register():
     data = json_body(schemas.register)
     session_id, llms, agents = lifecycle.register(
         db.session, caller(), data["session_id"], data["llms"], data["agents"], utcnow())
+    bus().touch(session_id)  # live first: whoever sees the rows active finds the session live
     db.session.commit()
-    bus().touch(session_id)
     return {"session_id": session_id, "llms": [llm.view() for llm in llms],
             "agents": [agent.view() for agent in agents]}, 201
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from extensions import db
 from models import Llm, utcnow
 from services import tokens as token_service
+from tests.support.database import other_connection
 from tests.support.waiting import wait_until
 
 LLM = {"name": "vllm-local", "type": "openai", "model": "qwen"}
@@ -70,6 +71,24 @@ def test_register_returns_the_session_and_views_without_secrets(client, auth):
     [view] = body["llms"]
     assert (view["name"], view["kind"], view["status"]) == ("vllm-local", "virtual", "active")
     assert body["agents"] == []
+
+
+def test_a_new_session_is_live_before_its_rows_are_seen_active(app, client, auth):
+    """A client that finds the row active must find its session live too (not
+    503 publisher_offline in the moment between the commit and the bus)."""
+    bus = app.extensions["task_bus"]
+    seen_at_touch = []
+    touch = bus.touch
+
+    def touch_and_look(session_id):
+        with other_connection(app) as conn:  # what every other request sees
+            seen_at_touch.append(conn.scalar(sa.select(sa.func.count()).select_from(Llm)))
+        touch(session_id)
+
+    bus.touch = touch_and_look
+    session_id = register(client, auth)["session_id"]
+    assert seen_at_touch == [0]
+    assert bus.is_live(session_id)
 
 
 def test_register_with_a_sticky_session_id_keeps_it(client, auth):
