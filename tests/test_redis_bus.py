@@ -52,6 +52,20 @@ def held_poll(bus, wait=5.0):
     return thread, box
 
 
+def record_scripts(bus):
+    """The scripts `bus` runs from now on, in order (the heartbeat's left out)."""
+    calls = []
+    run = bus._run
+
+    def recorded(script, *args):
+        if script != "heartbeat":
+            calls.append(script)
+        return run(script, *args)
+
+    bus._run = recorded
+    return calls
+
+
 # -- a client on one worker, the publisher on another --------------------------
 
 def test_a_chunk_batch_of_many_streams_is_one_script_call_and_reaches_other_workers(buses):
@@ -59,9 +73,7 @@ def test_a_chunk_batch_of_many_streams_is_one_script_call_and_reaches_other_work
     streams = [client_side.submit(SID, dict(STREAM), **{**ARGS, "limit": 100})
                for _ in range(20)]
     publisher_side.poll(SID, wait=0)
-    calls = []
-    run = publisher_side._run
-    publisher_side._run = lambda script, *args: calls.append(script) or run(script, *args)
+    calls = record_scripts(publisher_side)
     assert publisher_side.push_chunks_batch(SID, [
         {"task_id": task_id, "chunks": [f"{task_id}-a", f"{task_id}-b"], "seq": 0,
          "done": True} for task_id in streams]) == [None] * 20
@@ -71,28 +83,46 @@ def test_a_chunk_batch_of_many_streams_is_one_script_call_and_reaches_other_work
             [f"{task_id}-a", f"{task_id}-b"], True, None)
         client_side.release(task_id)
 
-def test_a_client_reads_its_answer_and_frees_its_lease_in_one_script_call(buses):
+def test_a_waiting_client_gets_its_answer_with_the_news_of_its_end_and_reads_nothing(buses):
     client_side, publisher_side = buses.make(), buses.make()
+    listening = client_side._waiters.add("probe")  # set once its listener has subscribed
+    client_side.is_live(SID)  # its first call starts the listener
+    assert listening.wait(5)
     task_id = client_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1})
     publisher_side.poll(SID, wait=0)
+    calls = record_scripts(client_side)
+    waiter, box = in_background(client_side.wait_result, task_id)
     publisher_side.complete(task_id, {"status": 200, "body": {"ok": True}}, owner="tok")
-    calls = []
-    run = client_side._run
-    client_side._run = lambda script, *args: calls.append(script) or run(script, *args)
+    waiter.join(5)
+    assert box["value"] == {"status": 200, "body": {"ok": True}}
+    assert calls == []
+    # The finished request no longer counts at the LLM, although it holds its task still.
+    publisher_side.release(publisher_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1}))
+    client_side.release(task_id)  # after its answer went out: let go of, in a batch
+    wait_until(lambda: client_side.client.hlen(f"{buses.prefix}h:{task_id}") == 0,
+               message="the task let go of")
+    assert calls == ["release_many"]
+
+
+def test_a_client_that_missed_the_news_reads_its_answer_and_frees_it_in_one_script_call(buses):
+    client_side, publisher_side = buses.make(), buses.make()
+    task_id = client_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1})
+    client_side._hear = lambda message: None  # its listener hears nothing ...
+    publisher_side.poll(SID, wait=0)
+    publisher_side.complete(task_id, {"status": 200, "body": {"ok": True}}, owner="tok")
+    client_side._waiters.notify_all()  # ... then wakes everyone, as after a reconnect
+    calls = record_scripts(client_side)
     assert client_side.wait_result(task_id) == {"status": 200, "body": {"ok": True}}
     assert client_side.wait_result(task_id) == {"status": 200, "body": {"ok": True}}  # again
     client_side.release(task_id)
     assert calls == ["observe"]
-    # The LLM's one place is free for the next request, on any worker.
-    publisher_side.release(publisher_side.submit(SID, dict(INFER), **{**ARGS, "limit": 1}))
+    assert client_side.client.hlen(f"{buses.prefix}h:{task_id}") == 0
 
 
 def test_a_poll_that_finds_a_task_takes_it_and_ends_in_one_script_call(buses):
     client_side, publisher_side = buses.make(), buses.make()
     with client_side.open_task(SID, dict(INFER), **ARGS) as task_id:
-        calls = []
-        run = publisher_side._run
-        publisher_side._run = lambda script, *args: calls.append(script) or run(script, *args)
+        calls = record_scripts(publisher_side)
         assert [task["task_id"] for task in publisher_side.poll(SID, wait=5)] == [task_id]
         assert calls == ["poll"]
         assert publisher_side.stats()["polls"] == publisher_side.gauges()["held_polls"] == 0
@@ -176,12 +206,12 @@ def test_requests_sharing_a_finished_task_each_free_one_lease_and_all_get_the_an
     for remaining in (3, 2):  # two requests on `a` get the answer and let go
         assert a.wait_result(task_id) == {"status": 200, "body": {}}
         a.release(task_id)
-        assert waiting() == remaining
+        wait_until(lambda: waiting() == remaining, message=f"{remaining} requests waiting")
     assert b.wait_result(task_id) == {"status": 200, "body": {}}
     b.release(task_id)
     assert a.wait_result(task_id) == {"status": 200, "body": {}}  # the last one still gets it
     a.release(task_id)
-    assert waiting() == 0
+    wait_until(lambda: waiting() == 0, message="no request waiting")
 
 
 def test_the_pending_limit_counts_every_worker(buses):

@@ -10,7 +10,9 @@ Its shape follows python-socketio's Redis manager and huey's / rq's storage:
 - Each worker process holds one pub/sub connection, on a channel of its own.
   The scripts publish to the workers whose requests wait on a task (or whose
   polls wait on a session); a listener fans that out to local events
-  (waiters.py). No Redis connection is held per waiting request.
+  (waiters.py). No Redis connection is held per waiting request. The end
+  of a task not streamed comes with its answer, so a waiting request reads
+  nothing; it lets go of the task after its answer went out, in a batch.
 - What a worker contributes (a request waiting on a task or an LLM, a held
   poll) is a lease tied to the worker's liveness entry, which every script
   and a heartbeat renew. A worker killed with SIGKILL stops renewing it:
@@ -24,6 +26,8 @@ could not reach Redis are retried by the heartbeat. Nothing connects before
 the first call, so the server starts while Redis is down.
 """
 import collections
+import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -57,6 +61,7 @@ LISTEN_TICK = 1.0
 SILENCE_TIMEOUT = 10.0   # a listener that heard nothing (not even its heartbeat) reconnects
 RECONNECT_BACKOFF = (0.1, 5.0)
 MAX_RETRIED_RELEASES = 10_000
+TIDY_BATCH = 100         # releases per script call
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
 POOL_TIMEOUT = 2.0       # waiting for a free pooled connection
@@ -97,9 +102,11 @@ class _Hold:
     changed: threading.Event
     fresh_until: float | None
     counted: bool = True  # against the LLM's pending limit (not when the fair queue counts it)
-    # What the observe that found the task finished saw; it released the lease
-    # in the same step, and a later wait reads the answer from here.
+    # The task's end, as the news of it said (see the listener) or as the
+    # observe that found it finished saw; a later wait reads the answer from
+    # here. `released`: that observe also released the lease, in the same step.
     final: "_View | None" = None
+    released: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +153,8 @@ class RedisTaskBus(TaskBus):
         self._places: dict[str, threading.Event] = {}        # queue entry -> its waiter
         self._polls = collections.Counter()                  # session -> polls held here
         self._unreleased = collections.deque(maxlen=MAX_RETRIED_RELEASES)
+        self._tidy_up = collections.deque(maxlen=MAX_RETRIED_RELEASES)  # (task, lease, llm)
+        self._tidy_wanted = threading.Event()
         self._down = False
         self._pid = None
         self._start_lock = threading.Lock()
@@ -226,7 +235,7 @@ class RedisTaskBus(TaskBus):
                 # goes out one Redis round trip sooner.
                 view = self._observe(task_id, lease=hold.lease)
                 if view.state in FINAL:
-                    hold.final = view
+                    hold.released, hold.final = True, view
             if view.state == TaskState.DONE:
                 if view.outcome is None:  # chunks cannot finish a non-stream; never loop
                     raise BadGateway(f"The publisher of LLM '{view.llm}' sent no result",
@@ -282,7 +291,12 @@ class RedisTaskBus(TaskBus):
             if hold.counted:
                 self._lease_freed("n:" + hold.llm)
         self._waiters.discard("t:" + task_id, hold.changed)
-        if hold.final is None:
+        if hold.released:
+            return
+        if hold.final is not None:  # ended: let go once the answer went out, with others
+            self._tidy_up.append((task_id, hold.lease, hold.llm))
+            self._tidy_wanted.set()
+        else:
             self._run_or_retry("release", task_id, hold.lease, hold.llm)
 
     def acquire_slot(self, llm, limit):
@@ -473,6 +487,7 @@ class RedisTaskBus(TaskBus):
 
     def close(self):
         self._stopping.set()
+        self._tidy_wanted.set()
         if self._threads:
             try:  # wake the listener now rather than at its next tick
                 self.client.publish(self._channel(), "stop")
@@ -480,6 +495,8 @@ class RedisTaskBus(TaskBus):
                 pass
         for thread in self._threads:
             thread.join(LISTEN_TICK + SOCKET_TIMEOUT)
+        if self._threads:
+            self._tidy_now()
         self._threads = []
         self._pid = None
         self.client.connection_pool.disconnect()
@@ -597,7 +614,7 @@ class RedisTaskBus(TaskBus):
             self._stopping = threading.Event()
             self._threads = [threading.Thread(target=target, name=f"bus-{target.__name__}",
                                               daemon=True)
-                             for target in (self._listen, self._beat)]
+                             for target in (self._listen, self._beat, self._tidy)]
             self._pid = os.getpid()
             for thread in self._threads:
                 thread.start()
@@ -622,7 +639,7 @@ class RedisTaskBus(TaskBus):
                         continue
                     heard = time.monotonic()
                     if message["type"] == "message":
-                        self._waiters.notify(message["data"])
+                        self._hear(message["data"])
                     elif message["type"] == "subscribe":
                         backoff = RECONNECT_BACKOFF[0]
                         self._waiters.notify_all()
@@ -636,6 +653,46 @@ class RedisTaskBus(TaskBus):
                     pubsub.close()
                 except redis.RedisError:
                     pass
+
+    def _hear(self, message: str):
+        """Wake the waiters of what changed. The end of a task not streamed
+        comes with its answer, which its requests here take as theirs."""
+        if message.startswith("f:"):
+            task_id, state, llm, error, outcome = message[2:].split("\n", 4)
+            view = _View(state=state, llm=llm, stream_done=False,
+                         outcome=loads(outcome) if outcome else None,
+                         error=loads(error) if error else None,
+                         wake_at=0.0, activity=0.0, chunks=[])
+            with self._lock:
+                for hold in self._holds.get(task_id, ()):
+                    if hold.final is None:
+                        hold.final = view
+            message = "t:" + task_id
+        self._waiters.notify(message)
+
+    def _tidy(self):
+        """Let go of ended tasks (see `release`) after their answers went out,
+        many in one script call."""
+        while not self._stopping.is_set():
+            self._tidy_wanted.wait(LISTEN_TICK)
+            self._tidy_wanted.clear()
+            try:
+                self._tidy_now()
+            except Exception:  # keep tidying whatever happens
+                log.exception("task bus tidy-up failed")
+
+    def _tidy_now(self):
+        while self._tidy_up:
+            batch = []
+            with contextlib.suppress(IndexError):
+                while len(batch) < TIDY_BATCH:
+                    batch.append(self._tidy_up.popleft())
+            try:
+                self._run("release_many", *itertools.chain.from_iterable(batch))
+            except Unavailable:
+                for item in batch:
+                    self._retry_later("release", *item)
+                return
 
     def _beat(self):
         """Keep this worker alive and its lease hashes with it; retry releases."""

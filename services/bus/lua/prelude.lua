@@ -20,7 +20,9 @@
 --   g:live         zset  session -> live until; g:redeliveries: a counter (metrics)
 --   n:<llm>        hash  lease -> worker: requests waiting on or in flight at the LLM
 --   sh:<key>       string the task id a shared wake is joined to
--- Channel w:<worker>: "t:<task>" (the task changed), "s:<session>" (its queue did).
+-- Channel w:<worker>: "t:<task>" (the task changed), "s:<session>" (its queue did),
+-- "f:<task>\n<state>\n<llm>\n<error>\n<outcome>" (a task not streamed ended so),
+-- "q:<entry>" (a fair-queue turn was granted), "beat" (the heartbeat).
 
 local P, NOW, WORKER = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local function ARG(i) return ARGV[3 + i] end
@@ -91,9 +93,12 @@ local function load(id)
   return t
 end
 
-local function notify_task(id)
+-- Tell the workers whose requests wait on the task: `message`, or "t:<task>"
+-- (it changed: look again).
+local function notify_task(id, message)
   local _, workers = live_leases(P .. 'h:' .. id)
-  for _, worker in ipairs(workers) do redis.call('PUBLISH', P .. 'w:' .. worker, 't:' .. id) end
+  message = message or 't:' .. id
+  for _, worker in ipairs(workers) do redis.call('PUBLISH', P .. 'w:' .. worker, message) end
 end
 
 -- The workers holding a poll of the session now.
@@ -171,7 +176,18 @@ local function finish(t, state, error_json)
   for _, suffix in ipairs({'t:', 'h:', 'c:'}) do
     redis.call('PEXPIRE', P .. suffix .. t.id, TOMBSTONE_MS)
   end
-  notify_task(t.id)
+  -- Its requests no longer count at the LLM: the pending limit never waits
+  -- for them to let go of the task (they do, after their answer went out).
+  for _, waiter in ipairs(redis.call('HKEYS', P .. 'h:' .. t.id)) do
+    redis.call('HDEL', P .. 'n:' .. t.llm, waiter)
+  end
+  if t.streaming == '1' then
+    notify_task(t.id)
+  else  -- the news carries the answer: the waiting request need not read it
+    local outcome = redis.call('HGET', key, 'outcome')
+    notify_task(t.id, table.concat({'f:' .. t.id, state, t.llm,
+                                    error_json or '', outcome or ''}, '\n'))
+  end
   return true
 end
 
