@@ -24,6 +24,12 @@ worker_class = "gevent"
 # With Redis any worker serves any request: one per core unless WEB_CONCURRENCY says.
 workers = (int(os.environ.get("WEB_CONCURRENCY") or os.cpu_count() or 1)
            if os.environ.get("REDIS_URL") else 1)
+# Several workers accepting from one socket do not share the connections
+# evenly: the busiest, awake already, wins most races to accept, and a
+# keep-alive connection (nginx keeps its own) stays with the worker that took
+# it. With SO_REUSEPORT each worker listens on its own socket and the kernel
+# spreads new connections over them.
+reuse_port = bool(os.environ.get("REDIS_URL"))
 # Held long-polls and waiting clients are connections: size for thousands.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "10000"))
 # Behind nginx, keep idle upstream connections a while.
@@ -66,7 +72,10 @@ def nworkers_changed(server, new_value, old_value):
 
 def when_ready(server):
     if os.environ.get("REDIS_URL"):
-        server.log.info("task bus: redis; %d worker processes", server.num_workers)
+        # Each worker binds its own socket (reuse_port): gunicorn's own
+        # "Listening at" line names none.
+        server.log.info("task bus: redis; %d worker processes, listening at %s",
+                        server.num_workers, ", ".join(server.cfg.bind))
     else:
         server.log.info("task bus: in-memory; running exactly one worker process "
                         "(set REDIS_URL to scale out)")

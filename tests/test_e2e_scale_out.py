@@ -272,3 +272,40 @@ def _holding_pids(server, llm, count):
         client.close()
     pids = [int(w.split(":")[1]) for w in workers if w in alive]
     return pids if len(pids) == count else None
+
+
+# -- every worker takes connections ----------------------------------------------------
+
+def test_each_worker_accepts_new_connections_on_a_socket_of_its_own(hosts):
+    # One socket shared by the workers leaves most keep-alive connections with the
+    # worker quickest to accept; with one each, the kernel spreads them over all.
+    server = hosts[0]
+    workers = child_pids(server.process.pid)
+    assert len(workers) == 2
+    listening = _listening_sockets(urlsplit(server.url).port)
+    assert sorted(pid for pid in workers if _socket_inodes(pid) & listening) == sorted(workers)
+    assert len(listening) == len(workers)
+
+
+def _listening_sockets(port):
+    """The inodes of the TCP sockets listening on `port` (state 0A in /proc/net/tcp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid):
+    inodes = set()
+    for fd in os.scandir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(fd.path)
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
