@@ -117,6 +117,7 @@ def register_blueprints(app):
     app.register_blueprint(openapi.bp)
     app.register_blueprint(operations.metrics_bp)
     app.register_blueprint(status.bp)
+    app.session_interface = status.StatusSessions()
     app.after_request(status.record_error_answer)
     app.before_request(common.authenticate_unmatched)
 

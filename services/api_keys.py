@@ -1,8 +1,10 @@
 """Upstream API keys at rest: Fernet (AES-128-CBC and HMAC-SHA256, from
 `cryptography`) with the key in SWITCHBOARD_SECRET_KEY (settings.py).
 
-The `llm.api_key` column holds the Fernet token; the plaintext exists only
-while a request to the upstream is built. A key that does not decrypt is an
+The `llm.api_key` column holds the Fernet token. A worker keeps the
+plaintext of the keys it used lately in memory, next to the Fernet key that
+decrypts them all anyway, rather than decrypt one at every request (~60 µs,
+some 4% of a proxied request's CPU). A key that does not decrypt is an
 error, never sent on: a start-up check (`check_stored_keys`) says so before
 the first request, and `decrypt` raises if a row was written with another key
 since.
@@ -10,6 +12,7 @@ since.
 import logging
 
 import sqlalchemy as sa
+from cachetools import LRUCache
 from cryptography.fernet import Fernet, InvalidToken
 
 from models import Llm
@@ -17,6 +20,7 @@ from services.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
+KEYS_KEPT = 1024  # plaintexts a worker keeps, by their stored token: one per LLM with a key
 GENERATE_HINT = ("make one with: python -c 'from cryptography.fernet import Fernet; "
                  "print(Fernet.generate_key().decode())'")
 
@@ -41,6 +45,7 @@ class ApiKeyCipher:
             raise SecretKeyError(f"{source} is not a valid key: it must be 32 url-safe "
                                  f"base64-encoded bytes ({GENERATE_HINT})") from None
         self.source = source
+        self._plaintexts = LRUCache(KEYS_KEPT)  # stored token -> plaintext
 
     @classmethod
     def from_config(cls, config) -> "ApiKeyCipher":
@@ -68,14 +73,19 @@ class ApiKeyCipher:
         """The plaintext of a stored key. Raises ApiKeyUnreadable."""
         if stored is None:
             return None
+        plaintext = self._plaintexts.get(stored)
+        if plaintext is not None:
+            return plaintext
         try:
-            return self._fernet.decrypt(stored.encode()).decode()
+            plaintext = self._fernet.decrypt(stored.encode()).decode()
         except InvalidToken:
             log.error("the API key of LLM %s does not decrypt with %s", llm, self.source)
             raise ApiKeyUnreadable(
                 f"The API key of LLM '{llm}' cannot be decrypted with this server's "
                 f"{self.source}; an operator must fix the key or set the LLM's api_key "
                 f"again", code="api_key_unreadable") from None
+        self._plaintexts[stored] = plaintext
+        return plaintext
 
 
 def check_stored_keys(session, cipher: ApiKeyCipher) -> int:

@@ -248,8 +248,10 @@ def reads_alone(session) -> None:
     """The session's reads until it closes run in autocommit, each SELECT one
     round trip without BEGIN and ROLLBACK, when no transaction is open yet:
     for a request that only reads before it waits (an inference's route).
-    Inside an open transaction it changes nothing."""
-    if not session.in_transaction():
+    Inside an open transaction it changes nothing. SQLite's driver begins
+    transactions before writes only, so there it would only cost the
+    isolation level's switch and reset (~35 µs a request)."""
+    if not session.in_transaction() and session.get_bind().dialect.name != "sqlite":
         session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 

@@ -75,6 +75,20 @@ def test_a_new_key_by_patch_is_encrypted_and_null_clears_it(app, client, auth):
     assert stored_keys(app)["gpt-x"] is None
 
 
+def test_the_key_set_last_is_the_one_sent_upstream(app, client, auth):
+    # A worker keeps the keys it decrypted: a key set again must not be shadowed.
+    add_public_llm(client, auth)
+    for key in (SECRET, "sk-rotated", SECRET):
+        assert client.patch("/api/v1/llms/gpt-x", headers=auth("admin"),
+                            json={"api_key": key}).status_code == 200
+        with responses.RequestsMock() as upstream:
+            upstream.post(f"{UPSTREAM}/chat/completions", json={"choices": []}, match=[
+                responses.matchers.header_matcher({"Authorization": f"Bearer {key}"})])
+            response = client.post("/api/v1/llms/gpt-x/infer", headers=auth("client"),
+                                   json={"messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200, key
+
+
 def test_an_empty_api_key_is_no_key(app, client, auth):
     add_public_llm(client, auth, api_key="")
     assert stored_keys(app)["gpt-x"] is None
