@@ -17,9 +17,11 @@ from services.errors import Forbidden, Invalid
 def refuse_nul_in_url():
     """App-level `before_request`, first of all: a NUL character in the path
     (`%00`) or the query is a 400. It can name nothing we have, and
-    PostgreSQL could not even look it up."""
-    if "\x00" in request.path or any("\x00" in key or "\x00" in value
-                                      for key, value in request.args.items(multi=True)):
+    PostgreSQL could not even look it up. Only a query with `%00` (or a raw
+    NUL) in it is decoded for this: most have none, or no query at all."""
+    query = request.query_string
+    if "\x00" in request.path or ((b"%00" in query or b"\x00" in query) and any(
+            "\x00" in key or "\x00" in value for key, value in request.args.items(multi=True))):
         raise Invalid("The URL must not contain NUL characters (%00)", code="invalid_url")
 
 
