@@ -14,11 +14,12 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import requests
 import urllib3
@@ -26,6 +27,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from publisher_client.bodies import BodyReader, Event, SseParser
 from publisher_client.config import LlmConfig
 from publisher_client.environment import read_environment_once
 from publisher_client.errors import BackendUnavailable
@@ -37,16 +39,6 @@ DEFAULT_ENDPOINT = "chat/completions"
 ANTHROPIC_VERSION = "2023-06-01"
 
 
-class Event(str):
-    """An SSE payload that came with an `event:` line (responses, Anthropic's
-    messages): relayed with its name."""
-
-    event: str
-
-    def __new__(cls, data: str, event: str):
-        payload = super().__new__(cls, data)
-        payload.event = event
-        return payload
 CONNECT_TIMEOUT = 5.0
 INFER_READ_TIMEOUT = 600.0      # the server's INFER_TIMEOUT
 STREAM_READ_TIMEOUT = 120.0     # the server's STREAM_IDLE_TIMEOUT, between two reads
@@ -159,11 +151,24 @@ class _CallAdapter(HTTPAdapter):
         return manager
 
 
+# Reads every streamed body that it can (bodies.py), for all the LLMs.
+BODY_READER = BodyReader()
+
+
 @dataclass
 class Answer:
+    """A backend's answer: a status and body, or a stream the backend
+    accepted: either `chunks` to iterate on the task's thread, or `pump`:
+    `pump(stream)` has the body reader relay it into `stream` (a
+    streaming.Stream), returning at its end."""
     status: int
     body: Any = None
-    chunks: Iterator[str] | None = None   # set for a stream the backend accepted
+    chunks: Iterator[str] | None = None
+    pump: Callable[[Any], None] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.chunks is not None or self.pump is not None
 
 
 class OpenAIBackend:
@@ -213,6 +218,9 @@ class OpenAIBackend:
             call.release()
             raise Aborted()
         if stream and 200 <= response.status_code < 300:
+            pump = self._pump(response, call)
+            if pump is not None:
+                return Answer(response.status_code, pump=pump)
             return Answer(response.status_code, chunks=self._sse_payloads(response, call))
         try:
             content = response.content
@@ -225,26 +233,47 @@ class OpenAIBackend:
         call.check()
         return Answer(response.status_code, _json_or_text(content))
 
+    def _pump(self, response, call):
+        """A pump for the body reader, when the body comes on a plain TCP
+        socket and unencoded (the rest is read on the task's thread)."""
+        raw = response.raw
+        message = getattr(raw, "_fp", None)   # http.client's: the framing, bytes read ahead
+        # The connection's socket; once a response says it closes the
+        # connection, http.client leaves the socket to the response's file alone.
+        sock = (getattr(getattr(raw, "connection", None), "sock", None)
+                or getattr(getattr(getattr(message, "fp", None), "raw", None), "_sock", None))
+        if (not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket)
+                or not hasattr(message, "chunked") or not hasattr(message, "fp")
+                or response.headers.get("Content-Encoding", "identity").lower() != "identity"):
+            return None
+        framing = ("chunked" if message.chunked
+                   else "length" if message.length is not None else "close")
+
+        def pump(stream):
+            try:
+                sock.setblocking(False)
+                ahead = message.fp.peek() if message.fp is not None else b""  # never blocks now
+                if ahead:
+                    message.fp.read(len(ahead))
+                BODY_READER.read(sock, framing, message.length, call, stream,
+                                 STREAM_READ_TIMEOUT, self._failure, ahead)
+            finally:
+                response.close()
+                call.release()
+        return pump
+
     def _sse_payloads(self, response, call) -> Iterator[str]:
         """The `data:` payloads of the backend's event stream, as they arrive
-        (an Event for one that came with an `event:` line)."""
+        (an Event for one that came with an `event:` line), read on the
+        caller's thread (read1 returns what the socket has instead of waiting
+        for a full buffer; decode_content undoes a backend's gzip)."""
         try:
-            data_lines: list[str] = []
-            event = None
-            for line in _lines(response.raw, call):
-                if line == "":
-                    if data_lines:
-                        yield _payload(data_lines, event)
-                        data_lines = []
-                    event = None
-                elif line.startswith("data:"):
-                    data_lines.append(_field_value(line[5:]))
-                elif line.startswith("event:"):
-                    event = _field_value(line[6:]) or None
-                # `id:`, `retry:` and `:` comments carry nothing we relay
+            parser = SseParser()
+            while data := response.raw.read1(65536, decode_content=True):
+                yield from parser.feed(data)
+                call.check()
             call.check()  # an abort ends the read as a clean EOF: not the end of the answer
-            if data_lines:
-                yield _payload(data_lines, event)
+            yield from parser.end()
         except Aborted:
             raise
         except Exception as exc:  # an abort shows up here as a read error
@@ -274,33 +303,6 @@ def _timed_out(exc: BaseException | None) -> bool:
                  exc.__cause__, exc.__context__)
         exc = next((e for e in inner if isinstance(e, BaseException)), None)
     return False
-
-
-def _field_value(value: str) -> str:
-    return value[1:] if value.startswith(" ") else value
-
-
-def _payload(data_lines, event) -> str:
-    data = "\n".join(data_lines)
-    return Event(data, event) if event else data
-
-
-def _lines(raw, call) -> Iterator[str]:
-    """Lines of a streamed body, each yielded as soon as its newline arrives
-    (read1 returns what the socket has instead of waiting for a full buffer;
-    decode_content undoes a backend's gzip)."""
-    buffer = b""
-    while True:
-        data = raw.read1(65536, decode_content=True)
-        if not data:
-            break
-        buffer += data
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r").decode("utf-8", "replace")
-        call.check()
-    if buffer:
-        yield buffer.rstrip(b"\r").decode("utf-8", "replace")
 
 
 def _json_or_text(content: bytes):

@@ -3,6 +3,7 @@
 Threads: the caller's thread registers and long-polls; a timer thread
 heartbeats; an LLM's infer tasks run on its pool of at most
 `max_concurrency` threads (the rest wait in line, a bounded one); one
+body-reader thread reads every streamed answer's body (bodies.py) and one
 sender thread posts every stream's chunks together (streaming.py). They
 are daemon threads, so a backend that never answers cannot hold up the
 exit. A cancel task (or a 410 from the server) aborts the matching backend
@@ -434,12 +435,12 @@ class Publisher:
         try:
             call.check()   # cancelled while waiting for a slot
             answer = self._answer(llm, endpoint, body, streaming, call)
-            if answer.chunks is None:
+            if not answer.streamed:
                 self._post_result(task_id, {"status": answer.status, "body": answer.body})
                 log.info("task %s (%s) done in %d ms: status %d", task_id, llm.name,
                          _ms_since(started), answer.status)
             else:
-                self._relay_stream(task_id, llm, answer.chunks, call, started)
+                self._relay_stream(task_id, llm, answer, call, started)
         except Aborted:
             log.info("task %s (%s) stopped after %d ms: the client went away", task_id,
                      llm.name, _ms_since(started))
@@ -465,13 +466,16 @@ class Publisher:
             call.check()
             return llm.backend.answer(body, streaming, call, endpoint)
 
-    def _relay_stream(self, task_id, llm, chunks, call, started):
+    def _relay_stream(self, task_id, llm, answer, call, started):
         stream = self.sender.open(self.session_id, task_id, on_gone=call.abort)
         try:
-            for data in chunks:
-                if data == DONE:   # sent with the final batch (and added if missing)
-                    break
-                stream.put(data)
+            if answer.pump is not None:
+                answer.pump(stream)   # the body reader relays it, up to its "[DONE]"
+            else:
+                for data in answer.chunks:
+                    if data == DONE:   # sent with the final batch (and added if missing)
+                        break
+                    stream.put(data)
         except BackendUnavailable:
             stream.finish(done=False)   # the client keeps what it has, then gets the error
             raise
@@ -479,7 +483,8 @@ class Publisher:
             stream.cancel()
             raise
         finally:
-            chunks.close()
+            if answer.chunks is not None:
+                answer.chunks.close()
         if stream.finish(done=True, last=DONE):
             log.info("task %s (%s, stream) done in %d ms: %d chunks in %d posts", task_id,
                      llm.name, _ms_since(started), stream.sent, stream.posts)

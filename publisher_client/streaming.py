@@ -72,6 +72,19 @@ class Stream:
                 return
             self._add(data)
 
+    def offer(self, data: str) -> bool:
+        """Queue a chunk without waiting (the body reader's way: it reads
+        for every stream, so it cannot wait for one); False once the stream
+        has no room for more (or has stopped)."""
+        with self.sender._cond:
+            if self.gone.is_set():
+                return False
+            self._add(data)
+            return len(self.pending) < self.sender.max_queued
+
+    def has_room(self) -> bool:
+        return len(self.pending) < self.sender.max_queued or self.gone.is_set()
+
     def finish(self, done: bool = True, last: str | None = None,
                timeout: float = FINISH_TIMEOUT) -> bool:
         """Send what is left and wait until the server has it. The last entry
