@@ -13,6 +13,7 @@ read on the task's own thread otherwise).
 `Dechunker` undoes `Transfer-Encoding: chunked`: both are fed bytes as they
 come, and serve the task-thread reader too.
 """
+import contextlib
 import logging
 import selectors
 import socket
@@ -233,7 +234,7 @@ class BodyReader:
                         self._end(body, selector, bodies, body.failure("stream broke", exc))
                         continue
                     if body.buffered:
-                        self._take(body, body.buffered, selector, bodies)
+                        self._guarded(selector, bodies, body, self._take, body.buffered)
                 now = self.clock()
                 timeout = min([self.idle_seconds, *(b.deadline - now for b in bodies)])
                 if any(b.paused for b in bodies):
@@ -242,7 +243,7 @@ class BodyReader:
                     if key.fileobj is self._wake_r:
                         _drain(self._wake_r)
                     elif key.data in bodies:
-                        self._read(key.data, selector, bodies)
+                        self._guarded(selector, bodies, key.data, self._read)
                 self._look_over(selector, bodies)
                 if bodies or incoming:
                     idle_since = self.clock()
@@ -254,6 +255,15 @@ class BodyReader:
                 self._thread = None
         finally:
             selector.close()
+
+    def _guarded(self, selector, bodies, body, step, *args):
+        """`step(body, *args, selector, bodies)`: what goes wrong in it (a
+        sink that raises) ends that body, not the others."""
+        try:
+            step(body, *args, selector, bodies)
+        except Exception as exc:
+            log.exception("reading a streamed body failed")
+            self._end(body, selector, bodies, body.failure("stream broke", exc))
 
     def _read(self, body, selector, bodies):
         try:
@@ -323,7 +333,8 @@ class BodyReader:
             return
         bodies.discard(body)
         if not body.paused:
-            selector.unregister(body.sock)
+            with contextlib.suppress(KeyError, ValueError):  # a step failed half-way
+                selector.unregister(body.sock)
         body.error = error
         body.ended.set()
 

@@ -229,3 +229,17 @@ def test_a_close_delimited_backend_stream_is_read_whole(fake_openai):
         fake_openai.script(chunks=words, chunked=False, chunk_delay=0.002)
     got = _relay_all(_backend(fake_openai), ["x"] * 8)
     assert [_contents(p) for p in got] == ["".join(words)] * 8
+
+
+class FailingSink(Sink):
+    def offer(self, payload):
+        raise RuntimeError("the sink broke")
+
+
+def test_a_failure_with_one_stream_ends_that_stream_only(reader):
+    broken, other = Reading(reader, sink=FailingSink()), Reading(reader)
+    broken.backend.sendall(chunk(b"data: a\n\n"))
+    error = broken.ended().error
+    assert isinstance(error, BackendUnavailable) and str(error) == "backend stream broke"
+    other.backend.sendall(chunked(b"data: still here\n\n"))
+    assert other.ended().error is None and other.sink.payloads == ["still here"]
