@@ -9,9 +9,9 @@ turn, at a tenth of the cost. The request and its headers still go through
 plain-TCP, unencoded event stream is read here (backends.py falls back to a
 read on the task's own thread otherwise).
 
-`SseParser` turns an event stream's bytes into its `data:` payloads and
-`Dechunker` undoes `Transfer-Encoding: chunked`: both are fed bytes as they
-come, and serve the task-thread reader too.
+`SseParser` turns an event stream's bytes into its `data:` payloads (the
+task-thread reader uses it too) and `Dechunker` undoes `Transfer-Encoding:
+chunked`: both are fed bytes as they come.
 """
 import contextlib
 import logging
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
 MAX_LINE = 64 * 1024          # a chunk-size or trailer line longer than this is no HTTP
-PAUSED_TICK = 0.05            # how often a stream held back (its queue full) is looked at
+LOOK_TICK = 0.05              # how often held-back streams and read deadlines are looked at
 IDLE_SECONDS = 5.0            # the reader thread ends after this long with nothing to read
 
 
@@ -217,7 +217,7 @@ class BodyReader:
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ)
         bodies: set[_Body] = set()
-        idle_since = self.clock()
+        idle_since = look_at = self.clock()
         try:
             while True:
                 with self._lock:
@@ -236,15 +236,15 @@ class BodyReader:
                     if body.buffered:
                         self._guarded(selector, bodies, body, self._take, body.buffered)
                 now = self.clock()
-                timeout = min([self.idle_seconds, *(b.deadline - now for b in bodies)])
-                if any(b.paused for b in bodies):
-                    timeout = min(timeout, PAUSED_TICK)
+                if now >= look_at:  # every tick, not every read: it goes over every body
+                    self._look_over(selector, bodies, now)
+                    look_at = now + LOOK_TICK
+                timeout = look_at - now if bodies else self.idle_seconds
                 for key, _ in selector.select(max(0.0, timeout)):
                     if key.fileobj is self._wake_r:
                         _drain(self._wake_r)
                     elif key.data in bodies:
                         self._guarded(selector, bodies, key.data, self._read)
-                self._look_over(selector, bodies)
                 if bodies or incoming:
                     idle_since = self.clock()
         except Exception as exc:  # never leave a task waiting on a dead reader
@@ -312,10 +312,9 @@ class BodyReader:
             body.paused = True
             selector.unregister(body.sock)
 
-    def _look_over(self, selector, bodies):
+    def _look_over(self, selector, bodies, now):
         """Resume the paused bodies that have room; end those aborted while
         paused, and those whose backend went quiet for too long."""
-        now = self.clock()
         for body in list(bodies):
             if body.paused and (body.call.aborted.is_set() or body.sink.has_room()):
                 body.paused = False
