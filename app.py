@@ -35,6 +35,7 @@ def register_extensions(app):
     from services.api_keys import ApiKeyCipher
     from services.bus import create_bus
     from services.cache import TtlMap
+    from services.routes import RouteCache
     from services.schema import SchemaCheck
 
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
@@ -55,6 +56,7 @@ def register_extensions(app):
     app.extensions["token_cache"] = TtlMap(ttl)          # token hash -> Caller
     app.extensions["session_owner_cache"] = TtlMap(ttl)  # session id -> owner token id
     app.extensions["task_bus"] = create_bus(app.config)
+    app.extensions["routes"] = RouteCache(app.extensions["task_bus"])  # public LLMs' rows
     app.extensions["recent_errors"] = recent_errors.for_bus(app.extensions["task_bus"])
 
 

@@ -38,13 +38,21 @@ def infer_on_pool(model):
 def run_inference(name: str, body: dict, endpoint: Endpoint = CHAT, headers=None) -> Response:
     """Run `body` for `endpoint` on an LLM or, for `pool:<model>`, on a member
     of the pool; `headers` go on to a public upstream."""
+    def run(route):
+        return instrumentation.observed(relay()).infer(
+            route, body, client_connected=peer_connected(request.environ), token=caller().id,
+            endpoint=endpoint, headers=headers)
+
+    return to_response(current_app.extensions["routes"].run(
+        name, endpoint.path, lambda: read_route(name, endpoint.path), run))
+
+
+def read_route(name: str, endpoint: str) -> inference.Route:
     database.reads_alone(db.session())
     route = inference.route(db.session, name, current_app.extensions["task_bus"].is_live,
-                            endpoint.path)
+                            endpoint)
     db.session.close()  # hold no pooled connection while the relay waits
-    return to_response(instrumentation.observed(relay()).infer(
-        route, body, client_connected=peer_connected(request.environ), token=caller().id,
-        endpoint=endpoint, headers=headers))
+    return route
 
 
 def to_response(reply: inference.Reply) -> Response:

@@ -65,6 +65,7 @@ class Target:
     owner: str | None  # the token owning the publisher session (virtual rows)
     max_concurrency: int | None = None  # requests in flight at once (None: no cap)
     endpoints: tuple[str, ...] = (DEFAULT_ENDPOINT,)  # what its backend serves
+    seen_at: str | None = None  # remembered at this routes version: the call checks it (routes.py)
 
     def __repr__(self):  # never the key
         return f"Target({self.name!r}, {self.kind}/{self.status})"
@@ -141,10 +142,7 @@ def route(session, name: str, is_live, endpoint: str = DEFAULT_ENDPOINT) -> Rout
     `endpoint`), Unavailable (`pool_unavailable`: no member can answer now).
     `is_live(session_id)` tells a live publisher."""
     if not name.startswith(POOL_PREFIX):
-        target = resolve(session, name)
-        if endpoint not in target.endpoints:
-            raise not_supported(f"LLM '{name}' does not serve", endpoint, target.endpoints)
-        return Route.single(target)
+        return single_route(resolve(session, name), endpoint)
     model = name[len(POOL_PREFIX):]
     targets = [_target(row) for row in session.connection().execute(_POOL_QUERY, {"model": model})]
     serving = [t for t in targets if endpoint in t.endpoints]
@@ -153,6 +151,13 @@ def route(session, name: str, is_live, endpoint: str = DEFAULT_ENDPOINT) -> Rout
         raise not_supported(f"No member of pool '{model}' serves", endpoint, served)
     return pool_route(model, serving, is_live,
                       known=bool(targets) or _model_known(session, model))
+
+
+def single_route(target: Target, endpoint: str) -> Route:
+    """The route to one LLM, for `endpoint`. Raises Invalid (`endpoint_not_supported`)."""
+    if endpoint not in target.endpoints:
+        raise not_supported(f"LLM '{target.name}' does not serve", endpoint, target.endpoints)
+    return Route.single(target)
 
 
 def not_supported(refusal: str, endpoint: str, served) -> Invalid:

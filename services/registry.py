@@ -4,7 +4,7 @@ import logging
 import sqlalchemy as sa
 
 from models import Agent, Kind, Llm, Status
-from services import rows
+from services import routes, rows
 from services.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ def update_llm(session, name: str, data: dict, cipher) -> Llm:
     for key, value in data.items():
         setattr(llm, key, value)
     rows.flush_versioned(session, llm, "LLM")
+    if llm.kind == Kind.PUBLIC:
+        routes.changed_in(session)
     return llm
 
 
@@ -99,4 +101,6 @@ def delete_llm(session, name: str) -> None:
                        code="llm_in_use", details={"agents": sorted(pinned)})
     session.delete(llm)
     rows.flush_or_conflict(session, f"LLM '{name}' is still referenced", code="llm_in_use")
+    if llm.kind == Kind.PUBLIC:
+        routes.changed_in(session)
     log.info("deleted LLM %s", name)

@@ -128,7 +128,8 @@ class Relay:
                                     endpoint=call.endpoint, headers=call.headers)
         if not counted:
             return forward()
-        slot = self.bus.acquire_slot(target.name, self.timeouts.max_pending)
+        slot = self.bus.acquire_slot(target.name, self.timeouts.max_pending,
+                                     routes_version=target.seen_at)
         try:
             reply = forward()
         except BaseException:

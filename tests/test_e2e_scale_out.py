@@ -146,6 +146,22 @@ def test_the_pending_limit_counts_public_llm_calls_on_every_host(hosts, fake_ope
     assert _waiting_on(first, "public-crowd") == 0  # every slot was given back
 
 
+def test_a_public_llm_patched_on_one_host_is_called_as_patched_on_the_other(hosts, fake_openai):
+    first, second = hosts
+    admin = first.headers("admin")
+    assert requests.post(f"{first.url}/api/v1/llms", headers=admin, timeout=10, json={
+        "name": "public-moving", "model": "m-0", "url": fake_openai.url}).status_code == 201
+    for round_ in range(1, 13):
+        assert [infer(second, "public-moving").status_code for _ in range(3)] == [200] * 3
+        assert [r["json"]["model"] for r in fake_openai.chat_requests[-3:]] == [f"m-{round_ - 1}"] * 3
+        patched = requests.patch(f"{first.url}/api/v1/llms/public-moving", headers=admin,
+                                 json={"model": f"m-{round_}"}, timeout=10)
+        assert patched.status_code == 200
+    assert requests.delete(f"{first.url}/api/v1/llms/public-moving", headers=admin,
+                           timeout=10).status_code == 204
+    assert [infer(second, "public-moving").status_code for _ in range(3)] == [404] * 3
+
+
 def _redis(server) -> redis.Redis:
     return redis.Redis.from_url(server.bus_settings["REDIS_URL"], decode_responses=True)
 
@@ -175,6 +191,9 @@ def test_while_redis_is_away_requests_get_503_and_the_server_recovers_by_itself(
     server, proxy = proxied_server
     publisher = ProtocolPublisher(server, [{"name": "weathered", "model": "m"}]).start()
     assert infer(server, "weathered").status_code == 200
+    assert requests.post(f"{server.url}/api/v1/llms", headers=server.headers("admin"), json={
+        "name": "weathered-public", "model": "old", "url": "http://127.0.0.1:9/v1"},
+        timeout=10).status_code == 201
     proxy.cut()
     response = infer(server, "weathered", timeout=15)
     assert response.status_code == 503
@@ -183,6 +202,10 @@ def test_while_redis_is_away_requests_get_503_and_the_server_recovers_by_itself(
     ready = requests.get(f"{server.url}/readyz", timeout=15)
     assert (ready.status_code, ready.json()["checks"]) == (503, {"database": "ok", "bus": "fail"})
     assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    # A change to a public LLM that the other workers could not hear of is not made.
+    refused = requests.patch(f"{server.url}/api/v1/llms/weathered-public",
+                             headers=server.headers("admin"), json={"model": "new"}, timeout=15)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (503, "bus_unavailable")
     # The commands never need Redis.
     assert server.flask("gc-sweep", "--json").returncode == 0
     assert "client" in server.flask("tokens", "list").stdout
@@ -191,6 +214,9 @@ def test_while_redis_is_away_requests_get_503_and_the_server_recovers_by_itself(
                timeout=20, message="ready again")
     wait_until(lambda: infer(server, "weathered").status_code == 200, timeout=20,
                message="answers again, without a restart")
+    row = requests.get(f"{server.url}/api/v1/llms/weathered-public",
+                       headers=server.headers("admin"), timeout=10).json()
+    assert row["model"] == "old"
     publisher.stop()
 
 

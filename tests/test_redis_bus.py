@@ -9,7 +9,9 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 
+from services.bus.base import RoutesChanged
 from services.errors import GatewayTimeout, Gone, TooManyRequests, Unavailable
 from tests.support import stack
 from tests.support.buses import Buses
@@ -451,3 +453,42 @@ def test_every_key_has_a_ttl_while_tasks_are_in_flight(buses):
     for task_id in (ids[0], ids[2], wake):
         a.release(task_id)
     b.release_slot(slot)
+
+
+# -- public LLMs' rows version (services/routes.py) -------------------------------
+
+def test_the_routes_version_moves_for_every_worker(buses):
+    first, second = buses.make(), buses.make()
+    seen = first.routes_version()
+    assert second.routes_version() == seen
+    second.routes_changed()
+    assert first.routes_version() != seen
+    with pytest.raises(RoutesChanged):
+        first.acquire_slot("m", 10, routes_version=seen)
+
+
+def test_a_routes_version_whose_key_is_gone_starts_again_past_every_old_one(buses):
+    bus = buses.make()
+    for _ in range(3):
+        bus.routes_changed()
+    old = bus.routes_version()
+    redis.Redis.from_url(stack.REDIS_URL).delete(buses.prefix + "routes")  # a Redis restarted empty
+    assert bus.routes_version() == "v"
+    with pytest.raises(RoutesChanged):
+        bus.acquire_slot("m", 10, routes_version=old)
+    bus.routes_changed()
+    assert int(bus.routes_version()[1:]) > int(old[1:])
+
+
+def test_a_routes_change_redis_cannot_hear_raises_or_is_made_once_it_can(buses, proxy):
+    bus, other = buses.make(url=proxied_url(proxy)), buses.make()
+    seen = other.routes_version()
+    bus.ping()
+    proxy.cut()
+    with pytest.raises(Unavailable):
+        bus.routes_changed()
+    bus.routes_changed(later_if_unreachable=True)   # never raises
+    assert other.routes_version() == seen
+    proxy.restore()
+    wait_until(lambda: other.routes_version() != seen, timeout=15,
+               message="the change was made once Redis was back")

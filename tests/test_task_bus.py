@@ -11,7 +11,7 @@ import pytest
 
 from services.errors import (BadGateway, Conflict, Forbidden, GatewayTimeout, Gone, NotFound,
                              TooManyRequests, Unavailable)
-from services.bus.base import Delivery
+from services.bus.base import Delivery, RoutesChanged
 from tests.support import stack
 from tests.support.buses import Buses
 from tests.support.waiting import wait_until
@@ -304,6 +304,19 @@ def test_slots_and_tasks_count_against_one_limit_per_llm(bus):
     bus.release_slot(slot)
     bus.release_slot(bus.acquire_slot("m", 2))  # the freed slot is usable again
     bus.release(task_id)
+
+
+def test_a_slot_asked_at_an_old_routes_version_is_refused_and_counts_nothing(bus):
+    seen = bus.routes_version()
+    bus.release_slot(bus.acquire_slot("m", 1, routes_version=seen))
+    bus.routes_changed()
+    assert bus.routes_version() != seen
+    with pytest.raises(RoutesChanged):
+        bus.acquire_slot("m", 1, routes_version=seen)
+    slot = bus.acquire_slot("m", 1, routes_version=bus.routes_version())  # the only one
+    with pytest.raises(TooManyRequests):
+        bus.acquire_slot("m", 1)
+    bus.release_slot(slot)
 
 
 def test_a_poll_hands_out_at_most_64_tasks(bus):

@@ -133,10 +133,12 @@ class TaskBus(abc.ABC):
             self.release(task_id)
 
     @abc.abstractmethod
-    def acquire_slot(self, llm: str, limit: int) -> object:
+    def acquire_slot(self, llm: str, limit: int, routes_version: str | None = None) -> object:
         """Count one more request in flight at `llm` (a public LLM's upstream
         call), within `limit` across every worker: past it, TooManyRequests.
-        Returns the slot to hand to `release_slot`."""
+        Returns the slot to hand to `release_slot`. With `routes_version`
+        (see `routes_version`): only if no public LLM's row has changed since;
+        else RoutesChanged, and nothing is counted."""
 
     @abc.abstractmethod
     def release_slot(self, slot: object) -> None:
@@ -237,6 +239,19 @@ class TaskBus(abc.ABC):
         """Fail every unfinished task of the session with `reason`, end its held
         polls and forget it. Returns how many tasks were failed."""
 
+    # -- public LLMs' rows, as workers remember them (services/routes.py) ----
+
+    @abc.abstractmethod
+    def routes_version(self) -> str:
+        """Where public LLMs' rows stand, on every worker: it moves at every
+        `routes_changed`."""
+
+    @abc.abstractmethod
+    def routes_changed(self, later_if_unreachable: bool = False) -> None:
+        """A public LLM's row changed, or is about to: move the version. With
+        `later_if_unreachable`, never raises: a move that cannot be made now
+        is made as soon as it can."""
+
     # -- operations --------------------------------------------------------
 
     @abc.abstractmethod
@@ -255,6 +270,10 @@ class TaskBus(abc.ABC):
     def stats(self) -> dict:
         """Sizes of this process's internal maps (tests check they drain to zero)."""
         return {}
+
+
+class RoutesChanged(Exception):
+    """A public LLM's row remembered by this worker may have changed: read it again."""
 
 
 def too_many_pending(llm: str, limit: int) -> TooManyRequests:

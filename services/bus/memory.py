@@ -138,6 +138,7 @@ class MemoryTaskBus(TaskBus):
         self._entries: dict[str, _Entry] = {}   # place entry id -> entry, until it leaves
         self._in_use: collections.Counter = collections.Counter()  # member -> turns granted
         self._turns: collections.Counter = collections.Counter()   # queue -> ties broken
+        self._routes_version = 0
 
     # -- client side -------------------------------------------------------
 
@@ -239,8 +240,10 @@ class MemoryTaskBus(TaskBus):
                 self._finish(t, TaskState.CANCELLED, Gone("The client went away").to_data())
             self._tombstone(t)
 
-    def acquire_slot(self, llm, limit):
+    def acquire_slot(self, llm, limit, routes_version=None):
         with self._lock:
+            if routes_version is not None and routes_version != str(self._routes_version):
+                raise base.RoutesChanged()
             if self._pending[llm] >= limit:
                 raise too_many_pending(llm, limit)
             self._pending[llm] += 1
@@ -416,6 +419,13 @@ class MemoryTaskBus(TaskBus):
                 session.dropped = True
                 session.wakeup.set()
             return failed
+
+    def routes_version(self):
+        return str(self._routes_version)
+
+    def routes_changed(self, later_if_unreachable=False):
+        with self._lock:
+            self._routes_version += 1
 
     def gauges(self):
         with self._lock:

@@ -42,9 +42,9 @@ from redis.connection import _HiredisParser
 from jsonio import dumps, loads
 from models import new_id
 from services.bus.base import (CONNECTION_CHECK_INTERVAL, DEFAULT_WEIGHT, MAX_TASKS_PER_POLL,
-                               TOMBSTONE_TTL, Delivery, Place, TaskBus, publisher_offline,
-                               queue_timeout, too_many_pending, too_many_polls,
-                               too_many_queued)
+                               TOMBSTONE_TTL, Delivery, Place, RoutesChanged, TaskBus,
+                               publisher_offline, queue_timeout, too_many_pending,
+                               too_many_polls, too_many_queued)
 from services.bus.states import FINAL, TRANSITIONS, TaskState
 from services import sockets
 from services.bus.waiters import Waiters
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 WORKER_TTL = 10.0        # a worker that renewed nothing for this long is dead
 HEARTBEAT_EVERY = 2.0
 LEASE_TTL = 60.0         # an LLM's lease hash lives this long past its last renewal
+ROUTES_TTL = 86400       # public LLMs' rows version (see routes_changed.lua)
 MARGIN = 60.0            # a task's keys outlive its deadlines by this much
 CLOCK_SLACK = 0.002      # wake just after a deadline, not just before it
 LISTEN_TICK = 1.0
@@ -299,13 +300,15 @@ class RedisTaskBus(TaskBus):
         else:
             self._run_or_retry("release", task_id, hold.lease, hold.llm)
 
-    def acquire_slot(self, llm, limit):
+    def acquire_slot(self, llm, limit, routes_version=None):
         lease = new_id()
         try:
-            taken = self._run("acquire_slot", llm, lease, limit, LEASE_TTL)
+            taken = self._run("acquire_slot", llm, lease, limit, LEASE_TTL, routes_version or "")
         except Unavailable:
             self._retry_later("release_slot", llm, lease)
             raise
+        if taken == -1:
+            raise RoutesChanged()
         if not taken:
             raise too_many_pending(llm, limit)
         with self._lock:
@@ -463,6 +466,17 @@ class RedisTaskBus(TaskBus):
 
     def drop_session(self, session_id, reason):
         return int(self._run("drop", session_id, reason, self.drop_memory))
+
+    # -- public LLMs' rows version (services/routes.py) ---------------------
+
+    def routes_version(self):
+        return self._run("routes_version")
+
+    def routes_changed(self, later_if_unreachable=False):
+        if later_if_unreachable:
+            self._run_or_retry("routes_changed", ROUTES_TTL)
+        else:
+            self._run("routes_changed", ROUTES_TTL)
 
     # -- operations --------------------------------------------------------
 

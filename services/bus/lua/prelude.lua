@@ -20,6 +20,7 @@
 --   g:live         zset  session -> live until; g:redeliveries: a counter (metrics)
 --   n:<llm>        hash  lease -> worker: requests waiting on or in flight at the LLM
 --   sh:<key>       string the task id a shared wake is joined to
+--   routes         string public LLMs' rows version (routes_changed.lua)
 -- Channel w:<worker>: "t:<task>" (the task changed), "s:<session>" (its queue did),
 -- "f:<task>\n<state>\n<llm>\n<error>\n<outcome>" (a task not streamed ended so),
 -- "q:<entry>" (a fair-queue turn was granted), "beat" (the heartbeat).
