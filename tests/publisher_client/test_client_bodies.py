@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from publisher_client.backends import BODY_READER, Aborted, Call, OpenAIBackend
+from publisher_client.backends import Aborted, Call, OpenAIBackend
 from publisher_client.bodies import BodyReader, Dechunker, Event, SseParser
 from publisher_client.config import LlmConfig
 from publisher_client.errors import BackendUnavailable
