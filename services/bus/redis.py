@@ -65,7 +65,11 @@ MAX_RETRIED_RELEASES = 10_000
 TIDY_BATCH = 100         # releases per script call
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
-POOL_TIMEOUT = 2.0       # waiting for a free pooled connection
+# Waiting for a free pooled connection, as long as a command may take: a worker
+# busy with thousands of polls ending at once holds its connections for
+# seconds (each is given back when its greenlet runs again), and 2 s turned
+# such a burst into 503s while Redis was well (python -m bench.held_polls --bus redis).
+POOL_TIMEOUT = SOCKET_TIMEOUT
 HEALTH_CHECK_INTERVAL = 10
 
 # Redis could not be reached, or cannot serve now; anything else is a bug.
@@ -539,7 +543,7 @@ class RedisTaskBus(TaskBus):
                 raise
             if not self._down:
                 self._down = True
-                log.warning("task bus: Redis unavailable (%s)", type(exc).__name__)
+                log.warning("task bus: Redis unavailable (%s: %s)", type(exc).__name__, exc)
             raise bus_unavailable() from None
         if self._down:
             self._down = False
