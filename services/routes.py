@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from models import Kind
 from services.bus.base import RoutesChanged
 from services.cache import TtlMap
+from services.errors import Unavailable
 from services.inference import POOL_PREFIX, Route, single_route
 
 ROUTE_TTL = 60.0      # an entry lapses after this long (the memory it takes is bounded)
@@ -61,7 +62,7 @@ class RouteCache:
     def read(self, name: str, read) -> Route:
         """`read()`, remembering the target when it is a public LLM's; the
         route returned needs no check."""
-        version = None if self._elsewhere.get(name) else self._bus.routes_version()
+        version = None if self._elsewhere.get(name) else self._version()
         route = read()
         target = route.targets[0]
         if target.kind != Kind.PUBLIC or target.max_concurrency is not None:
@@ -72,6 +73,12 @@ class RouteCache:
         else:   # read as something else before: remembered from the next read on
             self._elsewhere.discard(name)
         return route
+
+    def _version(self) -> str | None:
+        try:
+            return self._bus.routes_version()
+        except Unavailable:   # read all the same: an unknown LLM is still a 404
+            return None
 
     def run(self, name: str, endpoint: str, read, call):
         """`call(route)` on `name`'s route; once more on the row read again

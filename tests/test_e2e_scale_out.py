@@ -202,6 +202,8 @@ def test_while_redis_is_away_requests_get_503_and_the_server_recovers_by_itself(
     ready = requests.get(f"{server.url}/readyz", timeout=15)
     assert (ready.status_code, ready.json()["checks"]) == (503, {"database": "ok", "bus": "fail"})
     assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    unknown = infer(server, "no-such-llm", timeout=15)   # needs no bus: still a 404
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "llm_not_found")
     # A change to a public LLM that the other workers could not hear of is not made.
     refused = requests.patch(f"{server.url}/api/v1/llms/weathered-public",
                              headers=server.headers("admin"), json={"model": "new"}, timeout=15)
