@@ -7,6 +7,7 @@ test copies.
 """
 import flask_migrate
 import pytest
+import responses
 import sqlalchemy as sa
 
 from app import create_app
@@ -94,6 +95,14 @@ def publisher(ctx, tokens):
 def auth(tokens):
     """auth('client') → the Authorization header for that role's token."""
     return lambda role: {"Authorization": f"Bearer {tokens[role]}"}
+
+
+@pytest.fixture
+def upstream():
+    """The HTTP of upstream LLMs, faked with `responses`: every reply a test
+    registers must be asked for (some modules have an `upstream` of their own)."""
+    with responses.RequestsMock() as mock:
+        yield mock
 
 
 # -- live servers (gunicorn + gevent on a free loopback port) -----------------

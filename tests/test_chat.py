@@ -46,12 +46,6 @@ def sent(call) -> dict:
 
 
 @pytest.fixture
-def upstream():
-    with responses.RequestsMock() as mock:
-        yield mock
-
-
-@pytest.fixture
 def admin(client, auth):
     def call(method, path, json=None):
         response = client.open(API + path, method=method, json=json, headers=auth("admin"))

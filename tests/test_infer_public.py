@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import responses
 from responses import matchers
 
 from extensions import db
@@ -21,12 +20,6 @@ def llm(client, auth):
     response = client.post("/api/v1/llms", headers=auth("admin"), json={
         "name": "gpt-x", "model": "row-model", "url": UPSTREAM, "api_key": "sk-stored"})
     assert response.status_code == 201
-
-
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock() as mock:
-        yield mock
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import dataclasses
 import re
 
 import pytest
-import responses
 import sqlalchemy as sa
 from responses import matchers
 
@@ -20,12 +19,6 @@ UPSTREAM = "http://upstream.test/v1"
 OTHER = "http://other.test/v1"
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"id": "c1", "object": "chat.completion", "choices": []}
-
-
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock() as mock:
-        yield mock
 
 
 @pytest.fixture
